@@ -1,0 +1,126 @@
+"""Command line: `ssmis <command>`. User mistakes print one `ssmis: error:` line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from ssmis import __version__
+from ssmis.errors import UserError
+
+
+def _data_check(a) -> int:
+    from ssmis.data.check import check_dataset
+
+    return check_dataset(a.root, layout=a.layout, num_classes=a.num_classes)
+
+
+def _eval(a) -> int:
+    if a.run:
+        if a.pred or a.ref:
+            raise UserError("ssmis eval", "--run cannot be combined with --pred/--ref", "Use one form.")
+        from ssmis.eval.run_eval import evaluate_run
+
+        evaluate_run(a.run, split=a.split, checkpoint=a.checkpoint)
+        return 0
+    if not (a.pred and a.ref):
+        raise UserError("ssmis eval", "give --run RUN_DIR, or both --pred DIR and --ref DIR", "See `ssmis eval --help`.")
+    from ssmis.eval.score_folders import score_folders
+
+    return score_folders(a.pred, a.ref, classes=a.classes, out=a.out, spacing=a.spacing)
+
+
+def _train(a) -> int:
+    from ssmis.engine.run import train_from_cli
+
+    return train_from_cli(a.config, overrides=a.set or [], out=a.out, resume=a.resume, overwrite=a.overwrite)
+
+
+def _demo(a) -> int:
+    from ssmis.demo import run_demo
+
+    return run_demo(out=a.out, iterations=a.iterations, overwrite=a.overwrite)
+
+
+def _methods(a) -> int:
+    from ssmis.methods import describe_methods
+
+    for name, line in describe_methods():
+        print(f"{name:16s} {line}")
+    return 0
+
+
+def _config_show(a) -> int:
+    from ssmis.config import dump_config, load_config
+
+    print(dump_config(load_config(a.config, a.set or [])), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssmis", description="Semi-supervised medical image segmentation.")
+    p.add_argument("--version", action="version", version=f"ssmis {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("data", help="inspect datasets").add_subparsers(dest="data_command", metavar="ACTION")
+    c = d.add_parser("check", help="detect the layout, read every file, report counts and problems")
+    c.add_argument("root", help="dataset folder")
+    c.add_argument("--layout", default="auto", help="force a layout instead of detecting it")
+    c.add_argument("--num-classes", type=int, default=None, help="expected number of classes (incl. background)")
+    c.set_defaults(func=_data_check)
+
+    e = sub.add_parser("eval", help="score a run's checkpoint, or predicted masks against references")
+    e.add_argument("--run", help="run directory: score its checkpoint on a split")
+    e.add_argument("--split", default="test", choices=["val", "test"], help="split for --run (default test)")
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"], help="checkpoint for --run")
+    e.add_argument("--pred", help="folder of predicted masks (NIfTI, PNG or HDF5)")
+    e.add_argument("--ref", help="folder of reference masks, matched to --pred by case name")
+    e.add_argument("--classes", type=int, nargs="+", help="foreground classes to score (default: all found)")
+    e.add_argument("--spacing", type=float, nargs="+", help="voxel spacing in mm when the files carry none")
+    e.add_argument("--out", help="folder for per_case.csv and summary.json (default: beside --pred)")
+    e.set_defaults(func=_eval)
+
+    t = sub.add_parser("train", help="train a method from a config")
+    t.add_argument("config", help="YAML config or preset name")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("--out", help="run directory (default runs/<name>)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.set_defaults(func=_train)
+
+    m = sub.add_parser("demo", help="phantom -> labels-only and Mean Teacher -> comparison table and plot")
+    m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    m.add_argument("--iterations", type=int, default=None, help="training steps per method")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
+    m.set_defaults(func=_demo)
+
+    ms = sub.add_parser("methods", help="list the registered methods")
+    ms.set_defaults(func=_methods)
+
+    cf = sub.add_parser("config", help="show a resolved config").add_subparsers(dest="config_command", metavar="ACTION")
+    cs = cf.add_parser("show", help="print the resolved config (defaults < file < --set)")
+    cs.add_argument("config")
+    cs.add_argument("--set", action="append", metavar="KEY=VALUE")
+    cs.set_defaults(func=_config_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not hasattr(a, "func"):
+        parser.print_help()
+        return 2 if a.command is None else 2
+    try:
+        return int(a.func(a) or 0)
+    except UserError as e:
+        if a.debug:
+            traceback.print_exc()
+        print(f"ssmis: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ssmis: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,100 @@
+"""Typed configuration of a run. Every field has a default and a description; unknown keys are errors."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PhantomConfig(Section):
+    patients: int = Field(24, ge=4, description="Number of synthetic patients (one volume each).")
+    slices: int = Field(8, ge=1, description="Slices per phantom volume.")
+    size: int = Field(64, ge=16, description="In-plane size of phantom images (pixels).")
+    seed: int = Field(0, description="Seed of the phantom generator (the data are a function of it).")
+
+
+class DataConfig(Section):
+    layout: str = Field("auto", description="Data layout: auto, phantom, ssl4mis_h5, la_h5, hc18, nnunet, folders.")
+    root: str | None = Field(None, description="Dataset root folder (not needed for the phantom).")
+    num_classes: int | None = Field(None, ge=2, description="Number of classes incl. background; default from the dataset.")
+    patch_size: list[int] = Field([128, 128], description="Training/inference patch size; 2D slices are resized to it.")
+    slice_axis: int = Field(0, ge=0, le=2, description="Axis of 3D volumes along which 2D slices are taken (array order D,H,W).")
+    image_order: int = Field(0, ge=0, le=3, description="Spline order when resizing images to the patch (ACDC protocol: 0).")
+    mask_values: dict[int, int] | None = Field(None, description="Image-folder layout: mask pixel value -> class index.")
+    channels: int | None = Field(None, ge=1, description="Image channels; default from the dataset.")
+    phantom: PhantomConfig = Field(default_factory=PhantomConfig, description="Settings of the built-in phantom.")
+
+
+class SplitConfig(Section):
+    protocol: bool = Field(True, description="Use the dataset's published split where it has one (ACDC: first N slices).")
+    labeled: float = Field(7, gt=0, description="Labelled patients (a count >= 1, or a fraction < 1). ACDC protocol: slices (68/136/256) or patients (3/7/14).")
+    val: float = Field(0.1, ge=0, description="Validation patients: a count >= 1 or a fraction < 1 (ignored where the dataset has a val list).")
+    test: float = Field(0.2, ge=0, description="Test patients: a count >= 1 or a fraction < 1 (ignored where the dataset has a test list).")
+    seed: int = Field(0, description="Seed of the patient permutation (fixed across methods for a fair comparison).")
+    file: str | None = Field(None, description="An explicit splits.json (lists of case ids) instead of drawing one.")
+
+
+class ModelConfig(Section):
+    name: str = Field("unet2d", description="Model registry name.")
+    widths: list[int] = Field([16, 32, 64, 128, 256], description="Encoder widths, shallow to deep.")
+    dropout: list[float] = Field([0.05, 0.1, 0.2, 0.3, 0.5], description="Encoder dropout per stage.")
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Optimiser.")
+    lr: float = Field(0.01, gt=0, description="Base learning rate.")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum.")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+
+
+class SchedConfig(Section):
+    name: Literal["poly", "step", "constant"] = Field("poly", description="lr schedule: poly (1-t/T)^power, step, constant.")
+    power: float = Field(0.9, description="Exponent of the poly schedule.")
+    step_fraction: float = Field(2500 / 6000, gt=0, le=1, description="Step schedule: decay every this fraction of the run.")
+    gamma: float = Field(0.1, gt=0, description="Step schedule: decay factor.")
+
+
+class TrainConfig(Section):
+    iterations: int = Field(2000, ge=1, description="Optimiser steps of the whole run, all stages included.")
+    labeled_bs: int = Field(4, ge=1, description="Labelled images per step.")
+    unlabeled_bs: int = Field(4, ge=0, description="Unlabelled images per step.")
+    augment: Literal["ssl4mis", "bcp", "none"] = Field("ssl4mis", description="Geometric augmentation (methods.md, Augmentation).")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="Mixed precision; auto = bf16 only where the hardware computes it natively.")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="Memory format; auto = channels_last on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device; auto = cuda when available.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
+    deterministic: bool = Field(False, description="Deterministic algorithms (needed for bitwise-exact resume).")
+    eval_every: int = Field(200, ge=0, description="Validate every N steps (0 = only at the end).")
+    ckpt_every: int = Field(200, ge=1, description="Write last.pt every N steps.")
+    log_every: int = Field(10, ge=1, description="Write training metrics every N steps.")
+    max_nonfinite: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
+    clip_grad_norm: float | None = Field(None, gt=0, description="Clip gradients to this norm (off by default).")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard extra).")
+    val_max_cases: int | None = Field(None, ge=1, description="Validate on at most this many val cases (speed).")
+
+
+class EvalConfig(Section):
+    split: Literal["val", "test"] = Field("test", description="Split scored by `ssmis eval --run`.")
+    hd95: Literal["pooled", "max_directed"] = Field("pooled", description="HD95 convention (pooled = medpy, the literature's).")
+    empty_both: Literal["skip", "perfect"] = Field("skip", description="Both masks empty: skip (NaN, excluded) or score perfect.")
+    empty_one: Literal["worst", "nan"] = Field("worst", description="Exactly one mask empty: worst (Dice 0, distances = diagonal) or nan.")
+    batch_size: int = Field(16, ge=1, description="Slices per forward in slice-wise inference.")
+
+
+class RunConfig(Section):
+    name: str | None = Field(None, description="Run name (default: <layout>-<method>-l<labeled>-s<seed>).")
+    seed: int = Field(0, description="Training seed (initialisation, sampling, augmentation).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": "supervised"},
+                                   description="Method section; validated by the method's own Config (by name).")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    sched: SchedConfig = Field(default_factory=SchedConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -1,0 +1,120 @@
+"""The data-adapter contract: one class per on-disk layout, read where the data lie (no conversion)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from ssmis.errors import UserError
+from ssmis.registry import LAYOUTS
+
+Role = Literal["train", "eval"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One loadable case: a 2D image, a 2D slice file, or a 3D volume."""
+
+    id: str                      # unique case id, e.g. "patient001_frame01" or "010_2HC"
+    patient: str                 # the unit of splitting: all items of a patient go to one side
+    has_label: bool
+    source: str                  # file (or description) named in error messages
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class DatasetInfo:
+    layout: str
+    num_classes: int
+    spatial_dims: int            # of the stored items: 2 (images/slices) or 3 (volumes)
+    channels: int
+    spacing_known: bool
+    class_names: list[str] | None = None
+    eval_spatial_dims: int | None = None   # dims of eval items when they differ (ACDC: 2D slices, 3D volumes)
+
+
+class DataError(UserError):
+    """A file that cannot be read or is inconsistent; `where` is the file."""
+
+
+class Adapter(ABC):
+    """Reads one layout. Samples are dicts of numpy arrays:
+
+    image float32 C×H×W or C×D×H×W; label int64 H×W or D×H×W (absent when the item has no label);
+    case, patient, spacing (mm, array axis order, None when unknown), and where they exist
+    slice_index, num_slices (position of a slice within its volume).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, root: Path | None, cfg: Any = None):
+        self.root = Path(root) if root is not None else None
+        self.cfg = cfg
+
+    @classmethod
+    def detect(cls, root: Path) -> bool:
+        return False
+
+    @abstractmethod
+    def info(self) -> DatasetInfo: ...
+
+    @abstractmethod
+    def items(self, role: Role) -> list[Item]:
+        """`train`: the pool that labelled/unlabelled sets are drawn from; `eval`: the pool of val/test cases."""
+
+    @abstractmethod
+    def load(self, item: Item) -> dict: ...
+
+    def protocol_splits(self, labeled: float, seed: int) -> "Splits | None":  # noqa: F821
+        """The literature's split of this dataset, or None when it has none."""
+        return None
+
+
+def make_adapter(layout: str, root: str | Path | None, cfg: Any = None) -> Adapter:
+    """Build the adapter for `layout` ('auto' detects it from the files under `root`)."""
+    import ssmis.data  # noqa: F401  (registers the built-in layouts)
+
+    if layout == "auto":
+        if root is None:
+            raise UserError("data.root", "no dataset root given", "Set data.root, or data.layout=phantom.")
+        layout = detect_layout(Path(root))
+    cls = LAYOUTS.get(layout, "data.layout")
+    if layout != "phantom":
+        if root is None:
+            raise UserError("data.root", f"layout {layout!r} needs a dataset root", "Set data.root=PATH.")
+        if not Path(root).exists():
+            raise UserError(str(root), "dataset root does not exist", "Check the path.")
+    return cls(Path(root) if root is not None else None, cfg)
+
+
+def detect_layout(root: Path) -> str:
+    import ssmis.data  # noqa: F401
+
+    if not root.exists():
+        raise UserError(str(root), "path does not exist", "Check the dataset path.")
+    if root.is_dir() and not any(root.iterdir()):
+        raise UserError(str(root), "folder is empty", "Point to a dataset folder.")
+    found = [n for n in LAYOUTS.list() if LAYOUTS.get(n).detect(root)]
+    if not found:
+        raise UserError(str(root), "unknown data layout",
+                        f"Expected one of: {', '.join(LAYOUTS.list())} (see README, 'Data layouts'), or force one with --layout.")
+    if len(found) > 1:
+        raise UserError(str(root), f"matches several layouts ({', '.join(found)})", "Force one with --layout / data.layout.")
+    return found[0]
+
+
+def as_label(arr: np.ndarray, source: str, num_classes: int | None = None) -> np.ndarray:
+    lab = np.asarray(arr)
+    if lab.dtype.kind == "f":
+        if not np.all(np.isfinite(lab)) or not np.all(lab == np.round(lab)):
+            raise DataError(source, "label holds non-integer values", "Labels must be integer class indices.")
+    lab = lab.astype(np.int64)
+    if num_classes is not None and lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+        bad = sorted(set(np.unique(lab).tolist()) - set(range(num_classes)))
+        raise DataError(source, f"label values {bad[:5]} outside the classes 0..{num_classes - 1}",
+                        "Fix the mask or set data.num_classes / data.mask_values.")
+    return lab
