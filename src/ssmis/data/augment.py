@@ -1,0 +1,48 @@
+"""Batch-wise geometric augmentation in torch (SSL4MIS RandomGenerator and the BCP variant)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rotate_nearest(x: Tensor, angles_deg: Tensor) -> Tensor:
+    """Rotate each B×C×H×W sample about its centre by its angle, nearest neighbour, zero fill."""
+    t = angles_deg.to(torch.float32) * math.pi / 180
+    cos, sin = torch.cos(t), torch.sin(t)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def random_geometry(image: Tensor, label: Tensor | None, gen: torch.Generator, kind: str = "ssl4mis") -> tuple[Tensor, Tensor | None]:
+    """Per sample: with p=0.5 rot90 (k in 0..3) + flip along a random axis; otherwise rotation by an integer
+    angle in [-20, 19] degrees (`ssl4mis`), or rotation with p=0.5 and nothing otherwise (`bcp`)."""
+    if kind == "none":
+        return image, label
+    b = image.shape[0]
+    u = torch.rand(b, generator=gen)
+    u2 = torch.rand(b, generator=gen)
+    ks = torch.randint(0, 4, (b,), generator=gen)
+    axes = torch.randint(0, 2, (b,), generator=gen)
+    angles = torch.randint(-20, 20, (b,), generator=gen)
+    rotflip = u > 0.5
+    rotate = ~rotflip if kind == "ssl4mis" else (~rotflip & (u2 > 0.5))
+    img, lab = image.clone(), None if label is None else label.clone()
+    for i in torch.nonzero(rotflip).flatten().tolist():
+        k, ax = int(ks[i]), 1 + int(axes[i])
+        img[i] = torch.rot90(image[i], k, (1, 2)).flip(ax)
+        if lab is not None:
+            lab[i] = torch.rot90(label[i], k, (0, 1)).flip(ax - 1)
+    idx = torch.nonzero(rotate).flatten()
+    if len(idx):
+        both = img[idx] if lab is None else torch.cat([img[idx], lab[idx, None].to(img.dtype)], 1)
+        out = rotate_nearest(both, angles[idx])
+        img[idx] = out[:, : img.shape[1]]
+        if lab is not None:
+            lab[idx] = out[:, -1].round().to(lab.dtype)
+    return img, lab

@@ -1,0 +1,1 @@
+"""The training engine: streams, precision, loop, checkpoints, run directories."""

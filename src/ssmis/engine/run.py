@@ -1,0 +1,157 @@
+"""Set up and run one training run from a config: data, splits, method, precision, run directory."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from ssmis import __version__
+from ssmis.config import RunConfig, dump_config, load_config
+from ssmis.data.adapter import make_adapter
+from ssmis.data.dataset import build_slice_set
+from ssmis.data.splits import Splits, make_splits
+from ssmis.engine.amp import resolve_precision
+from ssmis.atomic import atomic_write_text
+from ssmis.engine.checkpoint import load_checkpoint
+from ssmis.engine.rundir import prepare_run_dir
+from ssmis.engine.trainer import MetricsLog, Trainer, TrainingDiverged, ValCase
+from ssmis.errors import UserError
+from ssmis.methods import BuildContext
+from ssmis.models import build_model
+from ssmis.registry import METHODS
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    lab = cfg.split.labeled
+    lab = int(lab) if lab >= 1 else lab
+    return cfg.name or f"{cfg.data.layout}-{cfg.method['name']}-l{lab}-s{cfg.seed}"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device", "cuda requested but no CUDA device is available", "Use train.device=cpu.")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _splits_for_run(adapter, cfg: RunConfig, run_dir: Path | None, resuming: bool) -> Splits:
+    splits = make_splits(adapter, cfg.split)
+    if run_dir is not None:
+        path = run_dir / "splits.json"
+        if resuming and path.is_file():
+            old = Splits.read(path)
+            if (old.labeled, old.unlabeled, old.val, old.test) != (splits.labeled, splits.unlabeled, splits.val, splits.test):
+                raise UserError(str(path), "the data split differs from the one the run started with",
+                                "Resume with the same data and split settings.")
+        atomic_write_text(path, splits.to_json())
+    return splits
+
+
+def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=print) -> Trainer:
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(t.device)
+    precision = resolve_precision(t.amp, t.channels_last, device)
+    method_cls = METHODS.get(cfg.method["name"], "method.name")
+    mcfg = method_cls.Config.model_validate(cfg.method)
+
+    adapter = make_adapter(cfg.data.layout, cfg.data.root, cfg.data)
+    info = adapter.info()
+    num_classes = cfg.data.num_classes or info.num_classes
+    channels = cfg.data.channels or info.channels
+    if len(cfg.data.patch_size) != 2:
+        raise UserError("data.patch_size", f"{cfg.data.patch_size} is not 2D", "The 2D engine takes [H, W].")
+    if 2 not in method_cls.spatial_dims:
+        raise UserError("method.name", f"{cfg.method['name']} has no 2D form", "Use a 3D model and data.")
+    splits = _splits_for_run(adapter, cfg, run_dir, resuming)
+    by_id = {it.id: it for it in adapter.items("train") + adapter.items("eval")}
+    patch = tuple(cfg.data.patch_size)
+    labeled = build_slice_set(adapter, [by_id[i] for i in splits.labeled], patch, True,
+                              cfg.data.slice_axis, cfg.data.image_order, "labelled")
+    unlabeled = None
+    if method_cls.uses_unlabeled and t.unlabeled_bs > 0:
+        unlabeled = build_slice_set(adapter, [by_id[i] for i in splits.unlabeled], patch, False,
+                                    cfg.data.slice_axis, cfg.data.image_order, "unlabelled")
+    val_ids = splits.val[: t.val_max_cases] if t.val_max_cases else splits.val
+    val_cases = []
+    for i in val_ids:
+        s = adapter.load(by_id[i])
+        val_cases.append(ValCase(i, s["image"], s["label"]))
+
+    def make_model():
+        m = build_model(cfg.model, channels, num_classes).to(device)
+        return m.to(memory_format=torch.channels_last) if precision.channels_last else m
+
+    torch.manual_seed(cfg.seed)
+    ctx = BuildContext(make_model, device, t.iterations, num_classes, spatial_dims=2)
+    method = method_cls(mcfg, ctx)
+    net = method.eval_model()
+    model_info = {"model_name": cfg.model.name, "model_args": dict(net.init_args),
+                  "precision": precision.label, "config": cfg.model_dump(mode="json")}
+    log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: {len(labeled)} labelled slices "
+        f"({len(splits.labeled)} cases), {len(unlabeled) if unlabeled is not None else 0} unlabelled, "
+        f"{len(val_cases)} val cases; {t.iterations} steps; precision {precision.label} ({precision.reason}); "
+        f"device {device}, {torch.get_num_threads()} threads")
+    return Trainer(cfg, method, ctx, labeled, unlabeled, val_cases, precision, run_dir, device, model_info, log)
+
+
+def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, stop_after: int | None = None, test_at_end: bool = True) -> dict:
+    """Train (or resume) a run; returns a summary dict. `stop_after` ends early (to test resume)."""
+    run_dir = Path(out) if out is not None else Path("runs") / default_run_name(cfg)
+    cfg_dict = cfg.model_dump(mode="json")
+    resuming = prepare_run_dir(run_dir, cfg_dict, resume, overwrite)
+    log_file = open(run_dir / "log.txt", "a")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    if not resume:
+        meta = {"ssmis": {"version": __version__, "torch": str(torch.__version__), "python": platform.python_version(),
+                          "command": " ".join(sys.argv), "host_cpu": platform.processor() or platform.machine()}}
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(meta, sort_keys=False) + dump_config(cfg))
+    trainer = setup(cfg, run_dir, resuming, log)
+    ckpt_step = None
+    if resuming:
+        state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        trainer.load_state_dict(state)
+        ckpt_step = trainer.step
+        log(f"resumed at step {trainer.step}")
+    metrics = MetricsLog(run_dir / "metrics.csv", truncate_after=ckpt_step if resume else None)
+    try:
+        result = trainer.fit(metrics, progress=progress, stop_after=stop_after)
+    finally:
+        metrics.close()
+        log_file.close()
+    result.update({"run_dir": str(run_dir), "precision": trainer.precision.label})
+    if trainer.step >= trainer.total:
+        atomic_write_text(run_dir / "train_summary.json", json.dumps(result, indent=1))
+        from ssmis.eval.plots import plot_curves
+
+        plot_curves(run_dir / "metrics.csv", run_dir / "plots" / "curves.png")
+        if test_at_end and cfg.eval.split:
+            from ssmis.eval.run_eval import evaluate_run
+
+            for ck in ("best", "last"):
+                result[f"test_{ck}"] = evaluate_run(run_dir, split="test", checkpoint=ck, quiet=not progress)
+    return result
+
+
+def train_from_cli(config: str, overrides: list[str], out: str | None, resume: bool, overwrite: bool) -> int:
+    cfg = load_config(config, overrides)
+    try:
+        train(cfg, out=out, resume=resume, overwrite=overwrite)
+    except TrainingDiverged as e:
+        print(f"ssmis: training stopped: {e}", file=sys.stderr)
+        return 1
+    return 0

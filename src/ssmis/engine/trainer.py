@@ -1,0 +1,227 @@
+"""The training loop: two streams -> method.train_step -> guarded optimiser step -> teacher update ->
+logging, validation and checkpoints. Knows no method by name."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ssmis.data.augment import random_geometry
+from ssmis.data.dataset import SliceSet
+from ssmis.engine.amp import Precision
+from ssmis.engine.checkpoint import save_checkpoint
+from ssmis.engine.streams import Stream
+from ssmis.eval.inference import dice_per_class, predict_slicewise
+from ssmis.methods.base import Batch, BuildContext, Method
+from ssmis.schedules import lr_factor
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row; the last good checkpoint is left intact."""
+
+
+@dataclass
+class ValCase:
+    case: str
+    image: np.ndarray
+    label: np.ndarray
+
+
+class MetricsLog:
+    """metrics.csv in long format (step,stage,split,name,value): new keys never break the header."""
+
+    def __init__(self, path: Path, truncate_after: int | None = None):
+        self.path = path
+        if truncate_after is not None and path.is_file():
+            with open(path) as f:
+                rows = [r for r in csv.reader(f)][1:]
+            keep = [r for r in rows if int(r[0]) <= truncate_after]
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows([["step", "stage", "split", "name", "value"], *keep])
+        elif not path.is_file():
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(["step", "stage", "split", "name", "value"])
+        self._f = open(path, "a", newline="")
+        self._w = csv.writer(self._f)
+
+    def write(self, step: int, stage: str, split: str, values: dict) -> None:
+        for k, v in values.items():
+            self._w.writerow([step, stage, split, k, f"{float(v):.6g}"])
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+@dataclass
+class Trainer:
+    cfg: object                       # RunConfig
+    method: Method
+    ctx: BuildContext
+    labeled: SliceSet
+    unlabeled: SliceSet | None
+    val_cases: list[ValCase]
+    precision: Precision
+    run_dir: Path | None
+    device: torch.device
+    model_info: dict = field(default_factory=dict)
+    log_fn: callable = print
+
+    def __post_init__(self):
+        t = self.cfg.train
+        self.total = t.iterations
+        params = [p for n in self.ctx.trainable for p in self.ctx.modules[n].parameters()]
+        o = self.cfg.optim
+        if o.name == "sgd":
+            self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        else:
+            cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+            self.opt = cls(params, lr=o.lr, weight_decay=o.weight_decay)
+        self.lb_stream = Stream(len(self.labeled), t.labeled_bs, self.cfg.seed, 0)
+        self.ub_stream = (Stream(len(self.unlabeled), t.unlabeled_bs, self.cfg.seed, 1)
+                          if self.unlabeled is not None and t.unlabeled_bs > 0 else None)
+        self.step = 0                  # next step to run
+        self.best = -math.inf
+        self.best_step = -1
+        self.nonfinite = 0
+        self.history: list[tuple[int, float]] = []
+
+    # ---- batches -------------------------------------------------------------------------------
+    def _batch(self, data: SliceSet, stream: Stream, labeled: bool) -> Batch:
+        idx, gen = stream.next()
+        img, lab = random_geometry(data.images[idx], data.labels[idx] if labeled else None, gen, self.cfg.train.augment)
+        img = img.to(self.device, non_blocking=True)
+        if self.precision.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        return Batch(img, lab.to(self.device) if lab is not None else None, idx,
+                     data.slice_index[idx], data.num_slices[idx])
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "best": self.best, "best_step": self.best_step,
+            "modules": {n: m.state_dict() for n, m in self.ctx.modules.items()},
+            "eval_weights": self.method.eval_model().state_dict(),   # what eval/predict load, no method needed
+            "optimizer": self.opt.state_dict(),
+            "streams": {"labeled": self.lb_stream.state_dict(),
+                        "unlabeled": self.ub_stream.state_dict() if self.ub_stream else None},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "method_state": self.method.extra_state(),
+            "history": [list(h) for h in self.history],
+            **self.model_info,
+        }
+
+    def load_state_dict(self, s: dict) -> None:
+        for n, m in self.ctx.modules.items():
+            m.load_state_dict(s["modules"][n])
+        self.opt.load_state_dict(s["optimizer"])
+        self.lb_stream.load_state_dict(s["streams"]["labeled"])
+        if self.ub_stream is not None:
+            self.ub_stream.load_state_dict(s["streams"]["unlabeled"])
+        torch.set_rng_state(s["rng"]["torch"])
+        if s["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["rng"]["cuda"])
+        self.method.load_extra_state(s["method_state"])
+        self.step, self.best, self.best_step = s["step"], s["best"], s["best_step"]
+        self.history = [tuple(h) for h in s.get("history", [])]
+
+    def _save(self, name: str) -> None:
+        if self.run_dir is not None:
+            save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", self.state_dict())
+
+    # ---- validation ----------------------------------------------------------------------------
+    def validate(self) -> float:
+        model = self.method.eval_model()
+        d = self.cfg.data
+        dices = []
+        for vc in self.val_cases:
+            pred = predict_slicewise(model, vc.image, tuple(d.patch_size), image_order=d.image_order,
+                                     slice_axis=d.slice_axis, batch_size=self.cfg.eval.batch_size,
+                                     device=self.device, channels_last=self.precision.channels_last,
+                                     autocast=lambda: self.precision.autocast(self.device))
+            dices.append(dice_per_class(pred, vc.label, self.ctx.num_classes))
+        return float(np.nanmean(np.nanmean(np.array(dices), axis=0))) if dices else float("nan")
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def _set_lr(self, step: int) -> float:
+        s = self.cfg.sched
+        lr = self.cfg.optim.lr * lr_factor(s.name, step, self.total, s.power, s.step_fraction, s.gamma)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        clip = self.cfg.train.clip_grad_norm
+        if clip:
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def fit(self, metrics: MetricsLog | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+        t = self.cfg.train
+        stage = self.method.stages[0]
+        bar = tqdm(total=self.total, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True,
+                   mininterval=1.0)
+        start_time = time.perf_counter()
+        last_logs: dict = {}
+        while self.step < self.total:
+            step = self.step
+            lr = self._set_lr(step)
+            lb = self._batch(self.labeled, self.lb_stream, True)
+            ub = self._batch(self.unlabeled, self.ub_stream, False) if self.ub_stream else None
+            with self.precision.autocast(self.device):
+                out = self.method.train_step(lb, ub, step)
+            if not torch.isfinite(out.loss.detach()):
+                self.nonfinite += 1
+                self.opt.zero_grad(set_to_none=True)
+                if metrics:
+                    metrics.write(step, stage, "train", {"nonfinite_loss": 1})
+                if self.nonfinite >= t.max_nonfinite:
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"loss was not finite for {self.nonfinite} steps in a row (last at step {step}; last finite "
+                        f"logs: {_fmt(last_logs)}). The last good checkpoint is kept. Try a lower optim.lr, "
+                        f"train.amp=off, or train.clip_grad_norm=1.0.")
+            else:
+                self.nonfinite = 0
+                self._optimizer_step(out.loss)
+                self.method.after_step(step)
+                last_logs = {"loss": out.loss.detach(), **out.logs}
+            self.step = step + 1
+            if metrics and (self.step % t.log_every == 0 or self.step == self.total) and last_logs:
+                metrics.write(self.step, stage, "train", {**last_logs, "lr": lr})
+            bar.update(1)
+            if last_logs:
+                bar.set_postfix(loss=f"{float(last_logs['loss']):.4f}", lr=f"{lr:.2e}", refresh=False)
+            if self.val_cases and ((t.eval_every and self.step % t.eval_every == 0) or self.step == self.total):
+                dice = self.validate()
+                self.history.append((self.step, dice))
+                if metrics:
+                    metrics.write(self.step, stage, "val", {"dice": dice})
+                if dice > self.best:
+                    self.best, self.best_step = dice, self.step
+                    self._save("best")
+                bar.write(f"step {self.step}: val Dice {dice:.4f} (best {self.best:.4f} at {self.best_step})")
+            if self.step % t.ckpt_every == 0 or self.step == self.total:
+                self._save("last")
+            if stop_after is not None and self.step >= stop_after:
+                break
+        bar.close()
+        if not self.val_cases:
+            self._save("best")
+            self.best_step = self.step
+        return {"step": self.step, "best_val_dice": self.best, "best_step": self.best_step,
+                "seconds": time.perf_counter() - start_time}
+
+
+def _fmt(logs: dict) -> str:
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items()) or "none"

@@ -1,0 +1,59 @@
+"""Slice-wise prediction of a 2D model on 2D images or 3D volumes: resize each slice to the patch,
+predict, argmax, resize back with nearest neighbour, stack (the SSL4MIS/ACDC protocol)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssmis.data.resize import resize2d
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module):
+    """Switch modules to eval mode and restore every submodule's own flag afterwards."""
+    flags = [(m, m.training) for mod in modules for m in mod.modules()]
+    for mod in modules:
+        mod.eval()
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+@torch.no_grad()
+def predict_slicewise(model: nn.Module, image: np.ndarray, patch: tuple[int, int], *, image_order: int = 0,
+                      slice_axis: int = 0, batch_size: int = 16, device: torch.device = torch.device("cpu"),
+                      channels_last: bool = False, autocast=contextlib.nullcontext) -> np.ndarray:
+    """`image` C×H×W or C×D×H×W -> int label map H×W or D×H×W at the input's size."""
+    volume = image.ndim == 4
+    vol = np.moveaxis(image, 1 + slice_axis, 1) if volume else image[:, None]
+    c, d, h, w = vol.shape
+    batch = np.stack([resize2d(vol[:, k], patch, image_order) for k in range(d)]).astype(np.float32)
+    labels = np.empty((d, h, w), np.int64)
+    with eval_mode(model):
+        for s in range(0, d, batch_size):
+            x = torch.from_numpy(batch[s:s + batch_size]).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = model(x).logits
+            pred = logits.float().argmax(1).cpu().numpy()
+            for i, p in enumerate(pred):
+                labels[s + i] = resize2d(p, (h, w), 0)
+    return np.moveaxis(labels, 0, slice_axis) if volume else labels[0]
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dice of each foreground class (NaN where both masks are empty); cheap, for validation."""
+    out = np.full(num_classes - 1, np.nan)
+    for c in range(1, num_classes):
+        p, r = pred == c, ref == c
+        s = p.sum() + r.sum()
+        if s:
+            out[c - 1] = 2.0 * np.logical_and(p, r).sum() / s
+    return out

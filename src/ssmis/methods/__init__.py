@@ -1,0 +1,29 @@
+"""Semi-supervised methods, one file each, registered by name."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from ssmis.methods import mean_teacher, supervised, ua_mt  # noqa: F401  (registers methods)
+from ssmis.methods.base import Batch, BuildContext, Method, MethodConfig, StepOutput
+from ssmis.registry import METHODS
+
+__all__ = ["Batch", "BuildContext", "Method", "MethodConfig", "StepOutput", "method_config", "describe_methods"]
+
+
+def method_config(section: dict, source: str = "config") -> MethodConfig:
+    """Validate a `method:` section against the named method's own Config."""
+    from ssmis.config.load import validation_to_user_error
+    from ssmis.errors import UserError
+
+    if not isinstance(section, dict) or "name" not in section:
+        raise UserError(f"{source}: method.name", "missing", f"Choose one of: {', '.join(METHODS.list())}.")
+    cls = METHODS.get(section["name"], f"{source}: method.name")
+    try:
+        return cls.Config.model_validate(section)
+    except ValidationError as err:
+        raise validation_to_user_error(err, cls.Config, source, prefix="method.") from None
+
+
+def describe_methods() -> list[tuple[str, str]]:
+    return [(n, (METHODS.get(n).__doc__ or "").strip().splitlines()[0]) for n in METHODS.list()]

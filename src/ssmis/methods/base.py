@@ -1,0 +1,92 @@
+"""The Method contract: a method owns its networks' forward passes and losses; the engine owns the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+
+class MethodConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+@dataclass
+class Batch:
+    image: Tensor                          # B×C×spatial, augmented
+    label: Tensor | None = None            # B×spatial (labelled stream only)
+    index: Tensor | None = None            # dataset indices
+    slice_index: Tensor | None = None      # position within the volume (meta-label), -1 if none
+    num_slices: Tensor | None = None
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor | None
+    logs: dict[str, float | Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class BuildContext:
+    """What a method gets to build itself: model factory, device, run length, and `add` to register modules."""
+
+    def __init__(self, make_model: Callable[[], nn.Module], device: torch.device, total_steps: int,
+                 num_classes: int, spatial_dims: int, wrap: Callable[[nn.Module], nn.Module] = lambda m: m):
+        self._make_model, self.device, self.total_steps = make_model, device, total_steps
+        self.num_classes, self.spatial_dims, self._wrap = num_classes, spatial_dims, wrap
+        self.modules: dict[str, nn.Module] = {}
+        self.trainable: list[str] = []
+
+    def build_model(self) -> nn.Module:
+        return self._make_model()
+
+    def add(self, name: str, module: nn.Module, trainable: bool) -> nn.Module:
+        """Register a module (checkpointed, moved to the device; optimised if trainable) and return what to call."""
+        if name in self.modules:
+            raise ValueError(f"module {name!r} added twice")
+        self.modules[name] = module
+        if trainable:
+            self.trainable.append(name)
+            return self._wrap(module)
+        return module
+
+
+class Method:
+    """Subclasses set `Config`, implement `build` and `train_step`, and register with `@METHODS.register`."""
+
+    Config: ClassVar[type[MethodConfig]]
+    uses_unlabeled: ClassVar[bool] = True
+    stages: ClassVar[tuple[str, ...]] = ("train",)
+    spatial_dims: ClassVar[frozenset[int]] = frozenset({2, 3})
+
+    def __init__(self, cfg: MethodConfig, ctx: BuildContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.build(ctx)
+
+    def build(self, ctx: BuildContext) -> None:
+        raise NotImplementedError
+
+    def train_step(self, lb: Batch, ub: Batch | None, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimiser step (teacher updates)."""
+
+    def eval_model(self) -> nn.Module:
+        """The network that is validated, tested and exported."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def teacher_noise(x: Tensor) -> Tensor:
+    """x + clip(N(0, 0.1²), -0.2, 0.2): the teacher input of Mean Teacher and UA-MT."""
+    return x + torch.clamp(torch.randn_like(x) * 0.1, -0.2, 0.2)
