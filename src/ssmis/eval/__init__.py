@@ -1,0 +1,1 @@
+"""Evaluation: per-case segmentation metrics, reports, and scoring of mask folders."""
