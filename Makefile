@@ -1,0 +1,20 @@
+# Quickstart: `make demo` (install + train on the built-in phantom) and `make test` (install + test suite).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/ssmis: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0   # the CPU wheel first, so pip never pulls a CUDA build
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+.PHONY: install demo test
+install: $(BIN)/ssmis
+
+demo: install
+	$(BIN)/ssmis demo --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q
