@@ -86,26 +86,31 @@ def make_splits(adapter: Adapter, cfg) -> Splits:
 
 def random_splits(train_items: list[Item], eval_items: list[Item], labeled: float, val: float, test: float,
                   seed: int, fixed: tuple[list[str], list[str]] | None = None) -> Splits:
-    """Seeded patient permutation. With `fixed` (val ids, test ids) only labelled/unlabelled are drawn."""
+    """Seeded patient permutation. With `fixed` (val ids, test ids) only labelled/unlabelled are drawn.
+
+    Val, test and labelled patients are drawn among patients that have labels; patients without any label
+    (nnU-Net imagesTs, images without masks) always go to the unlabelled pool."""
     rng = np.random.default_rng(seed)
+    with_labels = {it.patient for it in train_items if it.has_label}
     if fixed is not None:
         val_ids, test_ids = fixed
         held = {it.patient for it in eval_items if it.id in set(val_ids) | set(test_ids)}
-        pool_pat = sorted({it.patient for it in train_items} - held)
     else:
-        pats = sorted({it.patient for it in train_items})
+        pats = sorted(with_labels)
         perm = [pats[i] for i in rng.permutation(len(pats))]
         n_test, n_val = _count(test, len(perm), "test"), _count(val, len(perm), "val")
-        test_p, val_p, pool_pat = set(perm[:n_test]), set(perm[n_test:n_test + n_val]), perm[n_test + n_val:]
+        test_p, val_p = set(perm[:n_test]), set(perm[n_test:n_test + n_val])
+        held = test_p | val_p
         test_ids = [it.id for it in eval_items if it.patient in test_p]
         val_ids = [it.id for it in eval_items if it.patient in val_p]
-    if not pool_pat:
-        raise UserError("split", "no patients left for training", "Lower split.val / split.test.")
-    pool_pat = sorted(pool_pat)
-    order = [pool_pat[i] for i in np.random.default_rng(seed + 1).permutation(len(pool_pat))]
+    pool = sorted(with_labels - held)
+    if not pool:
+        raise UserError("split", "no labelled patients left for training", "Lower split.val / split.test.")
+    order = [pool[i] for i in np.random.default_rng(seed + 1).permutation(len(pool))]
     n_lab = _count(labeled, len(order), "labeled")
     lab_p = set(order[:n_lab])
-    lab = [it.id for it in train_items if it.patient in lab_p]
-    unl = [it.id for it in train_items if it.patient in set(order[n_lab:])]
-    meta = {"labeled_patients": n_lab, "unlabeled_patients": len(order) - n_lab, "seed": seed, "rule": "random by patient"}
+    lab = [it.id for it in train_items if it.patient in lab_p and it.has_label]
+    unl = [it.id for it in train_items if it.patient not in lab_p and it.patient not in held]
+    meta = {"labeled_patients": n_lab, "unlabeled_patients": len({it.patient for it in train_items} - lab_p - held),
+            "seed": seed, "rule": "random by patient"}
     return Splits(lab, unl, list(val_ids), list(test_ids), meta)

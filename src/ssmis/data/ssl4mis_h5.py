@@ -1,0 +1,188 @@
+"""HDF5 layouts of the semi-supervised literature, read in place: ACDC as SSL4MIS stores it (2D training
+slices, 3D val/test volumes) and LA as UA-MT stores it (3D volumes). The files carry no spacing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from functools import cached_property
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ssmis.data.adapter import Adapter, DataError, DatasetInfo, Item, as_label
+from ssmis.data.splits import Splits
+from ssmis.errors import UserError
+from ssmis.registry import LAYOUTS
+
+# ACDC protocol (methods.md, "ACDC 2D"): labelled patients -> the first N slices of train_slices.list
+ACDC_PATIENT_SLICES = {1: 32, 3: 68, 7: 136, 14: 256, 21: 396, 28: 512, 35: 664, 70: 1312}
+_SLICE = re.compile(r"(?P<volume>(?P<patient>.+?)(?:_frame(?P<frame>\d+))?)_slice_(?P<k>\d+)")
+_VOLUME = re.compile(r"(?P<patient>.+?)(?:_frame(?P<frame>\d+))?")
+
+
+def read_list(path: Path) -> list[str]:
+    """The non-empty, stripped lines of a `.list` file."""
+    try:
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        raise DataError(str(path), "list file not found", "See README, 'Data layouts', for the files this layout needs.") from None
+
+
+def read_h5(path: Path, ndim: int, num_classes: int, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """`image` (float32 with `ndim` axes) and, when asked, `label` (int64, same shape) of an HDF5 file."""
+    src = str(path)
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("image", "label")[: 1 + with_label] if k not in f]
+            if missing:
+                raise DataError(src, f"no dataset {missing[0]!r} (has {sorted(f.keys())})", "Each file needs 'image' and 'label'.")
+            image = np.asarray(f["image"][()], np.float32)
+            label = f["label"][()] if with_label else None
+    except FileNotFoundError:
+        raise DataError(src, "file not found", "Check the list files against the data folder.") from None
+    except OSError as e:
+        raise DataError(src, f"cannot read HDF5 ({e})", "Re-copy the file.") from None
+    if image.ndim != ndim:
+        raise DataError(src, f"image has shape {image.shape}, expected {ndim} axes", "Check the file.")
+    if label is not None and label.shape != image.shape:
+        raise DataError(src, f"label shape {label.shape} differs from image shape {image.shape}", "Check the file.")
+    return image, None if label is None else as_label(label, src, num_classes)
+
+
+def _frame(m: re.Match) -> dict:
+    return {"frame": int(m["frame"])} if m["frame"] else {}
+
+
+@LAYOUTS.register("ssl4mis_h5")
+class SSL4MISAdapter(Adapter):
+    """ACDC: `data/<volume>_slice_K.h5` listed in `train_slices.list` (training), `data/<volume>.h5` in
+    `val.list` / `test.list` (evaluation). Slice files number from 1 (from 0 if some K is 0); `slice_index` is 0-based.
+    """
+
+    name = "ssl4mis_h5"
+
+    @classmethod
+    def detect(cls, root: Path) -> bool:
+        return (root / "train_slices.list").is_file() and any((root / "data").glob("*.h5"))
+
+    @cached_property
+    def _data(self) -> Path:
+        if not (self.root / "data").is_dir():
+            raise DataError(str(self.root / "data"), "data folder not found", "The SSL4MIS layout keeps its .h5 files in data/.")
+        return self.root / "data"
+
+    @cached_property
+    def _k(self) -> int:
+        return getattr(self.cfg, "num_classes", None) or 4
+
+    @cached_property
+    def _train(self) -> list[Item]:
+        path = self.root / "train_slices.list"
+        names = read_list(path)
+        matches = [_SLICE.fullmatch(n) for n in names]
+        bad = [n for n, m in zip(names, matches) if m is None]
+        if bad:
+            raise DataError(str(path), f"names not of the form <volume>_slice_K: {bad[:3]}", "Fix the list.")
+        per_volume = Counter(m["volume"] for m in matches)
+        base = 0 if any(int(m["k"]) == 0 for m in matches) else 1
+        return [Item(n, m["patient"], True, str(self._data / f"{n}.h5"),
+                     {"slice_index": int(m["k"]) - base, "num_slices": per_volume[m["volume"]], **_frame(m)})
+                for n, m in zip(names, matches)]
+
+    @cached_property
+    def _val_test(self) -> tuple[list[str], list[str]]:
+        return read_list(self.root / "val.list"), read_list(self.root / "test.list")
+
+    def info(self) -> DatasetInfo:
+        names = ["background", "RV", "Myo", "LV"] if self._k == 4 else None
+        return DatasetInfo(self.name, self._k, 2, 1, False, names, eval_spatial_dims=3)
+
+    def items(self, role):
+        if role == "train":
+            return list(self._train)
+        val, test = self._val_test
+        return [Item(n, m["patient"], True, str(self._data / f"{n}.h5"), _frame(m))
+                for n, m in ((n, _VOLUME.fullmatch(n)) for n in val + test)]
+
+    def load(self, item: Item) -> dict:
+        dims = 2 if "slice_index" in item.meta else 3
+        image, label = read_h5(Path(item.source), dims, self._k, item.has_label)
+        sample = {"image": image[None], "case": item.id, "patient": item.patient, "spacing": None, **item.meta}
+        if label is not None:
+            sample["label"] = label
+        return sample
+
+    def fixed_eval_splits(self) -> tuple[list[str], list[str]]:
+        return self._val_test
+
+    def protocol_splits(self, labeled: float, seed: int) -> Splits:
+        """The first N slices of train_slices.list are labelled: N in slices (68, 136, ...) or patients (3, 7, ...)."""
+        n = ACDC_PATIENT_SLICES.get(int(labeled), int(labeled)) if float(labeled).is_integer() else None
+        if n not in ACDC_PATIENT_SLICES.values():
+            raise UserError("split.labeled", f"{labeled:g} is not a size of the ACDC protocol",
+                            f"Use labelled patients {sorted(ACDC_PATIENT_SLICES)} or slices "
+                            f"{sorted(ACDC_PATIENT_SLICES.values())}, or split.protocol=false for a random patient split.")
+        names = [it.id for it in self._train]
+        if n > len(names):
+            raise UserError("split.labeled", f"the protocol takes {n} slices but train_slices.list has {len(names)}",
+                            "Use a smaller size or split.protocol=false.")
+        val, test = self._val_test
+        meta = {"rule": "ACDC protocol: the first N slices of train_slices.list are labelled, the rest unlabelled; "
+                        "val.list / test.list are val / test (the seed plays no part)",
+                "labeled_slices": n, "labeled_patients": len({it.patient for it in self._train[:n]}),
+                "unlabeled_slices": len(names) - n, "val_volumes": len(val), "test_volumes": len(test), "seed": seed}
+        return Splits(names[:n], names[n:], list(val), list(test), meta)
+
+
+@LAYOUTS.register("la_h5")
+class LAAdapter(Adapter):
+    """LA as UA-MT stores it: `<case>/mri_norm2.h5` with `train.list` / `test.list` at the root (no val list).
+    Arrays are returned in their stored axis order, so the literature's 112×112×80 patches apply unchanged.
+    """
+
+    name = "la_h5"
+
+    @classmethod
+    def detect(cls, root: Path) -> bool:
+        return ((root / "train.list").is_file() and (root / "test.list").is_file()
+                and any(root.glob("*/mri_norm2.h5")))
+
+    @cached_property
+    def _lists(self) -> dict[str, list[str]]:
+        return {role: [ln.removesuffix("mri_norm2.h5").strip("/") for ln in read_list(self.root / f"{role}.list")]
+                for role in ("train", "test")}
+
+    @cached_property
+    def _k(self) -> int:
+        return getattr(self.cfg, "num_classes", None) or 2
+
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(self.name, self._k, 3, 1, False, ["background", "left atrium"] if self._k == 2 else None)
+
+    def items(self, role):
+        cases = self._lists["train" if role == "train" else "test"]
+        return [Item(c, c, True, str(self.root / c / "mri_norm2.h5")) for c in cases]
+
+    def load(self, item: Item) -> dict:
+        image, label = read_h5(Path(item.source), 3, self._k, item.has_label)
+        sample = {"image": image[None], "case": item.id, "patient": item.patient, "spacing": None}
+        if label is not None:
+            sample["label"] = label
+        return sample
+
+    def fixed_eval_splits(self) -> tuple[list[str], list[str]]:
+        return [], list(self._lists["test"])
+
+    def protocol_splits(self, labeled: float, seed: int) -> Splits:
+        """The first N cases of train.list are labelled (N a count, or a fraction < 1 of train.list); test.list is test."""
+        train = self._lists["train"]
+        n = int(labeled) if labeled >= 1 else max(1, round(labeled * len(train)))
+        if n > len(train):
+            raise UserError("split.labeled", f"asks for {n} labelled cases but train.list has {len(train)}", "Lower it.")
+        meta = {"rule": "LA protocol (UA-MT): the first N cases of train.list are labelled, the rest unlabelled; "
+                        "test.list is test; LA has no val split (val is empty)",
+                "labeled_cases": n, "unlabeled_cases": len(train) - n, "test_cases": len(self._lists["test"]), "seed": seed}
+        return Splits(train[:n], train[n:], [], list(self._lists["test"]), meta)
