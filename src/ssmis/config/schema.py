@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Section(BaseModel):
@@ -76,6 +76,12 @@ class TrainConfig(Section):
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip gradients to this norm (off by default).")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard extra).")
     val_max_cases: int | None = Field(None, ge=1, description="Validate on at most this many val cases (speed).")
+
+    @field_validator("amp", "channels_last", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):
+        # YAML reads a bare off/on as a boolean
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
 
 
 class EvalConfig(Section):

@@ -21,7 +21,7 @@ class EMA(nn.Module):
         self.module = copy.deepcopy(student)
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self.decay, self.warmup, self.buffers = decay, warmup, buffers
+        self.decay, self.warmup, self.average_buffers = decay, warmup, buffers
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -34,7 +34,7 @@ class EMA(nn.Module):
         a = self.alpha(step)
         for t, s in zip(self.module.parameters(), student.parameters()):
             t.mul_(a).add_(s.detach(), alpha=1 - a)
-        if self.buffers:
+        if self.average_buffers:
             for t, s in zip(self.module.buffers(), student.buffers()):
                 if t.dtype.is_floating_point:
                     t.mul_(a).add_(s.detach(), alpha=1 - a)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import sys
@@ -107,6 +108,9 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, o
           progress: bool = True, stop_after: int | None = None, test_at_end: bool = True) -> dict:
     """Train (or resume) a run; returns a summary dict. `stop_after` ends early (to test resume)."""
     run_dir = Path(out) if out is not None else Path("runs") / default_run_name(cfg)
+    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("train.tensorboard", "TensorBoard is not installed",
+                        "pip install 'ssmis[tensorboard]', or set train.tensorboard=false.")
     cfg_dict = cfg.model_dump(mode="json")
     resuming = prepare_run_dir(run_dir, cfg_dict, resume, overwrite)
     log_file = open(run_dir / "log.txt", "a")
@@ -127,7 +131,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, o
         trainer.load_state_dict(state)
         ckpt_step = trainer.step
         log(f"resumed at step {trainer.step}")
-    metrics = MetricsLog(run_dir / "metrics.csv", truncate_after=ckpt_step if resume else None)
+    metrics = MetricsLog(run_dir / "metrics.csv", truncate_after=(ckpt_step or 0) if resume else None,
+                         tensorboard_dir=run_dir / "tb" if cfg.train.tensorboard else None)
     try:
         result = trainer.fit(metrics, progress=progress, stop_after=stop_after)
     finally:

@@ -18,6 +18,7 @@ from ssmis.data.dataset import SliceSet
 from ssmis.engine.amp import Precision
 from ssmis.engine.checkpoint import save_checkpoint
 from ssmis.engine.streams import Stream
+from ssmis.errors import UserError
 from ssmis.eval.inference import dice_per_class, predict_slicewise
 from ssmis.methods.base import Batch, BuildContext, Method
 from ssmis.schedules import lr_factor
@@ -37,8 +38,16 @@ class ValCase:
 class MetricsLog:
     """metrics.csv in long format (step,stage,split,name,value): new keys never break the header."""
 
-    def __init__(self, path: Path, truncate_after: int | None = None):
+    def __init__(self, path: Path, truncate_after: int | None = None, tensorboard_dir: Path | None = None):
         self.path = path
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("train.tensorboard", "TensorBoard is not installed",
+                                "pip install 'ssmis[tensorboard]', or set train.tensorboard=false.") from None
+            self.tb = SummaryWriter(str(tensorboard_dir))
         if truncate_after is not None and path.is_file():
             with open(path) as f:
                 rows = [r for r in csv.reader(f)][1:]
@@ -54,10 +63,14 @@ class MetricsLog:
     def write(self, step: int, stage: str, split: str, values: dict) -> None:
         for k, v in values.items():
             self._w.writerow([step, stage, split, k, f"{float(v):.6g}"])
+            if self.tb is not None:
+                self.tb.add_scalar(f"{split}/{k}", float(v), step)
         self._f.flush()
 
     def close(self) -> None:
         self._f.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 @dataclass
@@ -84,6 +97,8 @@ class Trainer:
         else:
             cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
             self.opt = cls(params, lr=o.lr, weight_decay=o.weight_decay)
+        # fp16 needs loss scaling; bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype == torch.float16)
         self.lb_stream = Stream(len(self.labeled), t.labeled_bs, self.cfg.seed, 0)
         self.ub_stream = (Stream(len(self.unlabeled), t.unlabeled_bs, self.cfg.seed, 1)
                           if self.unlabeled is not None and t.unlabeled_bs > 0 else None)
@@ -106,10 +121,11 @@ class Trainer:
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "step": self.step, "best": self.best, "best_step": self.best_step,
+            "step": self.step, "best": self.best, "best_step": self.best_step, "nonfinite": self.nonfinite,
             "modules": {n: m.state_dict() for n, m in self.ctx.modules.items()},
             "eval_weights": self.method.eval_model().state_dict(),   # what eval/predict load, no method needed
             "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "streams": {"labeled": self.lb_stream.state_dict(),
                         "unlabeled": self.ub_stream.state_dict() if self.ub_stream else None},
             "rng": {"torch": torch.get_rng_state(),
@@ -123,6 +139,8 @@ class Trainer:
         for n, m in self.ctx.modules.items():
             m.load_state_dict(s["modules"][n])
         self.opt.load_state_dict(s["optimizer"])
+        if s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
         self.lb_stream.load_state_dict(s["streams"]["labeled"])
         if self.ub_stream is not None:
             self.ub_stream.load_state_dict(s["streams"]["unlabeled"])
@@ -131,6 +149,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(s["rng"]["cuda"])
         self.method.load_extra_state(s["method_state"])
         self.step, self.best, self.best_step = s["step"], s["best"], s["best_step"]
+        self.nonfinite = int(s.get("nonfinite", 0))
         self.history = [tuple(h) for h in s.get("history", [])]
 
     def _save(self, name: str) -> None:
@@ -151,6 +170,15 @@ class Trainer:
         return float(np.nanmean(np.nanmean(np.array(dices), axis=0))) if dices else float("nan")
 
     # ---- loop ----------------------------------------------------------------------------------
+    def _snapshot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(b, b.detach().clone()) for m in self.ctx.modules.values() for b in m.buffers()]
+
+    @staticmethod
+    def _restore_buffers(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for b, saved in snapshot:
+                b.copy_(saved)
+
     def _set_lr(self, step: int) -> float:
         s = self.cfg.sched
         lr = self.cfg.optim.lr * lr_factor(s.name, step, self.total, s.power, s.step_fraction, s.gamma)
@@ -159,11 +187,13 @@ class Trainer:
         return lr
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.scaler.scale(loss).backward()
         clip = self.cfg.train.clip_grad_norm
         if clip:
+            self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], clip)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
 
     def fit(self, metrics: MetricsLog | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -178,11 +208,13 @@ class Trainer:
             lr = self._set_lr(step)
             lb = self._batch(self.labeled, self.lb_stream, True)
             ub = self._batch(self.unlabeled, self.ub_stream, False) if self.ub_stream else None
+            buffers = self._snapshot_buffers()
             with self.precision.autocast(self.device):
                 out = self.method.train_step(lb, ub, step)
             if not torch.isfinite(out.loss.detach()):
                 self.nonfinite += 1
                 self.opt.zero_grad(set_to_none=True)
+                self._restore_buffers(buffers)       # the skipped forward must not leave NaN in BN statistics
                 if metrics:
                     metrics.write(step, stage, "train", {"nonfinite_loss": 1})
                 if self.nonfinite >= t.max_nonfinite:
@@ -197,12 +229,13 @@ class Trainer:
                 self.method.after_step(step)
                 last_logs = {"loss": out.loss.detach(), **out.logs}
             self.step = step + 1
-            if metrics and (self.step % t.log_every == 0 or self.step == self.total) and last_logs:
+            healthy = self.nonfinite == 0         # no logging, validation or checkpoint inside a non-finite streak
+            if metrics and healthy and (self.step % t.log_every == 0 or self.step == self.total) and last_logs:
                 metrics.write(self.step, stage, "train", {**last_logs, "lr": lr})
             bar.update(1)
             if last_logs:
                 bar.set_postfix(loss=f"{float(last_logs['loss']):.4f}", lr=f"{lr:.2e}", refresh=False)
-            if self.val_cases and ((t.eval_every and self.step % t.eval_every == 0) or self.step == self.total):
+            if healthy and self.val_cases and ((t.eval_every and self.step % t.eval_every == 0) or self.step == self.total):
                 dice = self.validate()
                 self.history.append((self.step, dice))
                 if metrics:
@@ -211,7 +244,7 @@ class Trainer:
                     self.best, self.best_step = dice, self.step
                     self._save("best")
                 bar.write(f"step {self.step}: val Dice {dice:.4f} (best {self.best:.4f} at {self.best_step})")
-            if self.step % t.ckpt_every == 0 or self.step == self.total:
+            if healthy and (self.step % t.ckpt_every == 0 or self.step == self.total):
                 self._save("last")
             if stop_after is not None and self.step >= stop_after:
                 break
