@@ -170,6 +170,29 @@ class Trainer:
         return float(np.nanmean(np.nanmean(np.array(dices), axis=0))) if dices else float("nan")
 
     # ---- loop ----------------------------------------------------------------------------------
+    def stage_bounds(self) -> dict[str, int]:
+        """First step of each stage."""
+        fr = self.method.stage_fractions()
+        if len(fr) != len(self.method.stages) or abs(sum(fr) - 1) > 1e-6:
+            raise ValueError(f"{type(self.method).__name__}: stage fractions {fr} do not match stages {self.method.stages}")
+        starts, acc = {}, 0.0
+        for name, f in zip(self.method.stages, fr):
+            starts[name] = int(round(acc * self.total))
+            acc += f
+        return starts
+
+    def _stage_at(self, bounds: dict[str, int], step: int) -> str:
+        return [name for name, start in bounds.items() if start <= step][-1]
+
+    def _enter_stage(self, bounds: dict[str, int], resumed: bool) -> str:
+        stage = self._stage_at(bounds, self.step)
+        if not resumed and self.method.fresh_optimizer_per_stage and self.step > 0:
+            self.opt.state.clear()                 # momentum buffers start afresh, as a new optimiser would
+        self.method.on_stage_start(stage, resumed)
+        if len(bounds) > 1:
+            self.log_fn(f"stage {stage!r} from step {self.step}")
+        return stage
+
     def _snapshot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(b, b.detach().clone()) for m in self.ctx.modules.values() for b in m.buffers()]
 
@@ -198,13 +221,16 @@ class Trainer:
 
     def fit(self, metrics: MetricsLog | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
         t = self.cfg.train
-        stage = self.method.stages[0]
+        bounds = self.stage_bounds()
+        stage = self._enter_stage(bounds, resumed=self.step > 0)
         bar = tqdm(total=self.total, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True,
                    mininterval=1.0)
         start_time = time.perf_counter()
         last_logs: dict = {}
         while self.step < self.total:
             step = self.step
+            if step in bounds.values() and step > 0 and stage != self._stage_at(bounds, step):
+                stage = self._enter_stage(bounds, resumed=False)
             lr = self._set_lr(step)
             lb = self._batch(self.labeled, self.lb_stream, True)
             ub = self._batch(self.unlabeled, self.ub_stream, False) if self.ub_stream else None

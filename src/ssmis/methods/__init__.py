@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from pydantic import ValidationError
 
-from ssmis.methods import mean_teacher, supervised, ua_mt  # noqa: F401  (registers methods)
 from ssmis.methods.base import Batch, BuildContext, Method, MethodConfig, StepOutput
 from ssmis.registry import METHODS
+
+# every module of this package registers its method on import; an import error is raised, never skipped
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_mod}")
 
 __all__ = ["Batch", "BuildContext", "Method", "MethodConfig", "StepOutput", "method_config", "describe_methods"]
 

@@ -61,6 +61,7 @@ class Method:
     Config: ClassVar[type[MethodConfig]]
     uses_unlabeled: ClassVar[bool] = True
     stages: ClassVar[tuple[str, ...]] = ("train",)
+    fresh_optimizer_per_stage: ClassVar[bool] = False   # BCP: each stage starts a new optimiser
     spatial_dims: ClassVar[frozenset[int]] = frozenset({2, 3})
 
     def __init__(self, cfg: MethodConfig, ctx: BuildContext):
@@ -72,6 +73,14 @@ class Method:
 
     def train_step(self, lb: Batch, ub: Batch | None, step: int) -> StepOutput:
         raise NotImplementedError
+
+    def stage_fractions(self) -> tuple[float, ...]:
+        """Share of the run's steps per stage (same length as `stages`); budget-scaled, so the split holds at any T."""
+        return (1.0,)
+
+    def on_stage_start(self, stage: str, resumed: bool) -> None:
+        """Called when a stage begins, and again (resumed=True) when a run is resumed inside it: state that a
+        stage start creates (e.g. a teacher copied from the pre-trained student) comes from the checkpoint then."""
 
     def after_step(self, step: int) -> None:
         """Called after each optimiser step (teacher updates)."""
