@@ -13,6 +13,9 @@ class UserError(Exception):
         self.where, self.what, self.todo = where, what.rstrip("."), todo
         super().__init__(str(self))
 
+    def __reduce__(self):                 # picklable, so a rank can hand its error to the others
+        return (type(self), (self.where, self.what, self.todo))
+
     def __str__(self) -> str:
         head = f"{self.where}: {self.what}" if self.where else self.what
         return f"{head}. {self.todo}".rstrip() if self.todo else f"{head}."

@@ -92,6 +92,10 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1, description="Slices per forward in slice-wise inference.")
 
 
+class DistConfig(Section):
+    sync_bn: bool = Field(False, description="Under torchrun: convert BatchNorm to SyncBatchNorm.")
+
+
 class RunConfig(Section):
     name: str | None = Field(None, description="Run name (default: <layout>-<method>-l<labeled>-s<seed>).")
     seed: int = Field(0, description="Training seed (initialisation, sampling, augmentation).")
@@ -104,3 +108,4 @@ class RunConfig(Section):
     sched: SchedConfig = Field(default_factory=SchedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)

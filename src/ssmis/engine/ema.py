@@ -32,8 +32,9 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:
         a = self.alpha(step)
-        for t, s in zip(self.module.parameters(), student.parameters()):
-            t.mul_(a).add_(s.detach(), alpha=1 - a)
+        tp = list(self.module.parameters())
+        torch._foreach_mul_(tp, a)                 # one fused pass instead of a Python loop over ~100 tensors
+        torch._foreach_add_(tp, [p.detach() for p in student.parameters()], alpha=1 - a)
         if self.average_buffers:
             for t, s in zip(self.module.buffers(), student.buffers()):
                 if t.dtype.is_floating_point:

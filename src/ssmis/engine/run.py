@@ -16,6 +16,7 @@ from ssmis.config import RunConfig, dump_config, load_config
 from ssmis.data.adapter import make_adapter
 from ssmis.data.dataset import build_slice_set
 from ssmis.data.splits import Splits, make_splits
+from ssmis.engine import dist
 from ssmis.engine.amp import resolve_precision
 from ssmis.atomic import atomic_write_text
 from ssmis.engine.checkpoint import load_checkpoint
@@ -39,9 +40,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def _splits_for_run(adapter, cfg: RunConfig, run_dir: Path | None, resuming: bool) -> Splits:
+def _splits_for_run(adapter, cfg: RunConfig, run_dir: Path | None, resuming: bool, main: bool = True) -> Splits:
     splits = make_splits(adapter, cfg.split)
-    if run_dir is not None:
+    if run_dir is not None and main:
         path = run_dir / "splits.json"
         if resuming and path.is_file():
             old = Splits.read(path)
@@ -52,7 +53,8 @@ def _splits_for_run(adapter, cfg: RunConfig, run_dir: Path | None, resuming: boo
     return splits
 
 
-def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=print) -> Trainer:
+def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=print,
+          dinfo: dist.DistInfo = dist.DistInfo()) -> Trainer:
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -72,7 +74,7 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
         raise UserError("data.patch_size", f"{cfg.data.patch_size} is not 2D", "The 2D engine takes [H, W].")
     if 2 not in method_cls.spatial_dims:
         raise UserError("method.name", f"{cfg.method['name']} has no 2D form", "Use a 3D model and data.")
-    splits = _splits_for_run(adapter, cfg, run_dir, resuming)
+    splits = _splits_for_run(adapter, cfg, run_dir, resuming, dinfo.is_main)
     by_id = {it.id: it for it in adapter.items("train") + adapter.items("eval")}
     patch = tuple(cfg.data.patch_size)
     labeled = build_slice_set(adapter, [by_id[i] for i in splits.labeled], patch, True,
@@ -89,19 +91,30 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
 
     def make_model():
         m = build_model(cfg.model, channels, num_classes).to(device)
+        if dinfo.active and cfg.dist.sync_bn:
+            m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
         return m.to(memory_format=torch.channels_last) if precision.channels_last else m
 
-    torch.manual_seed(cfg.seed)
-    ctx = BuildContext(make_model, device, t.iterations, num_classes, spatial_dims=2)
+    def wrap(module):
+        if not dinfo.active:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[dinfo.local_rank] if device.type == "cuda" else None,
+                   find_unused_parameters=method_cls.find_unused_parameters)
+
+    torch.manual_seed(cfg.seed)                    # identical initialisation on every rank
+    ctx = BuildContext(make_model, device, t.iterations, num_classes, spatial_dims=2, wrap=wrap)
     method = method_cls(mcfg, ctx)
+    torch.manual_seed(cfg.seed + 1000003 * dinfo.rank)   # per-rank dropout and noise draws
     net = method.eval_model()
     model_info = {"model_name": cfg.model.name, "model_args": dict(net.init_args),
                   "precision": precision.label, "config": cfg.model_dump(mode="json")}
     log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: {len(labeled)} labelled slices "
         f"({len(splits.labeled)} cases), {len(unlabeled) if unlabeled is not None else 0} unlabelled, "
         f"{len(val_cases)} val cases; {t.iterations} steps; precision {precision.label} ({precision.reason}); "
-        f"device {device}, {torch.get_num_threads()} threads")
-    return Trainer(cfg, method, ctx, labeled, unlabeled, val_cases, precision, run_dir, device, model_info, log)
+        f"device {device}, {torch.get_num_threads()} threads" + (f", {dinfo.world} processes" if dinfo.active else ""))
+    return Trainer(cfg, method, ctx, labeled, unlabeled, val_cases, precision, run_dir, device, model_info, log, dinfo)
 
 
 def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -111,35 +124,50 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, o
     if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("train.tensorboard", "TensorBoard is not installed",
                         "pip install 'ssmis[tensorboard]', or set train.tensorboard=false.")
+    dinfo = dist.init(pick_device(cfg.train.device).type)
+    dist.check_batch(dinfo.world, cfg.train.labeled_bs, cfg.train.unlabeled_bs)
     cfg_dict = cfg.model_dump(mode="json")
-    resuming = prepare_run_dir(run_dir, cfg_dict, resume, overwrite)
-    log_file = open(run_dir / "log.txt", "a")
+    error, resuming = None, False
+    if dinfo.is_main:
+        try:
+            resuming = prepare_run_dir(run_dir, cfg_dict, resume, overwrite)
+        except UserError as e:
+            error = e
+    error, resuming = dist.broadcast_object(dinfo, (error, resuming))   # every rank stops on rank 0's error
+    if error is not None:
+        raise error
+    log_file = open(run_dir / "log.txt", "a") if dinfo.is_main else None
 
     def log(msg: str) -> None:
-        print(msg, file=sys.stderr)
-        log_file.write(msg + "\n")
-        log_file.flush()
+        if log_file is not None:
+            print(msg, file=sys.stderr)
+            log_file.write(msg + "\n")
+            log_file.flush()
 
-    if not resume:
+    if not resume and dinfo.is_main:
         meta = {"ssmis": {"version": __version__, "torch": str(torch.__version__), "python": platform.python_version(),
                           "command": " ".join(sys.argv), "host_cpu": platform.processor() or platform.machine()}}
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(meta, sort_keys=False) + dump_config(cfg))
-    trainer = setup(cfg, run_dir, resuming, log)
+    trainer = setup(cfg, run_dir, resuming, log, dinfo)
     ckpt_step = None
     if resuming:
         state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         trainer.load_state_dict(state)
         ckpt_step = trainer.step
         log(f"resumed at step {trainer.step}")
-    metrics = MetricsLog(run_dir / "metrics.csv", truncate_after=(ckpt_step or 0) if resume else None,
-                         tensorboard_dir=run_dir / "tb" if cfg.train.tensorboard else None)
+    metrics = None
+    if dinfo.is_main:
+        metrics = MetricsLog(run_dir / "metrics.csv", truncate_after=(ckpt_step or 0) if resume else None,
+                             tensorboard_dir=run_dir / "tb" if cfg.train.tensorboard else None)
     try:
         result = trainer.fit(metrics, progress=progress, stop_after=stop_after)
     finally:
-        metrics.close()
-        log_file.close()
-    result.update({"run_dir": str(run_dir), "precision": trainer.precision.label})
-    if trainer.step >= trainer.total:
+        if dinfo.is_main:
+            metrics.close()
+            log_file.close()
+    result.update({"run_dir": str(run_dir), "precision": trainer.precision.label, "world": dinfo.world})
+    dist.barrier(dinfo)
+    if trainer.step >= trainer.total and dinfo.is_main:
         atomic_write_text(run_dir / "train_summary.json", json.dumps(result, indent=1))
         from ssmis.eval.plots import plot_curves
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ssmis.data.augment import random_geometry
 from ssmis.data.dataset import SliceSet
 from ssmis.engine.amp import Precision
+from ssmis.engine import dist
 from ssmis.engine.checkpoint import save_checkpoint
 from ssmis.engine.streams import Stream
 from ssmis.errors import UserError
@@ -86,6 +87,7 @@ class Trainer:
     device: torch.device
     model_info: dict = field(default_factory=dict)
     log_fn: callable = print
+    dist: dist.DistInfo = field(default_factory=dist.DistInfo)
 
     def __post_init__(self):
         t = self.cfg.train
@@ -99,8 +101,9 @@ class Trainer:
             self.opt = cls(params, lr=o.lr, weight_decay=o.weight_decay)
         # fp16 needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype == torch.float16)
-        self.lb_stream = Stream(len(self.labeled), t.labeled_bs, self.cfg.seed, 0)
-        self.ub_stream = (Stream(len(self.unlabeled), t.unlabeled_bs, self.cfg.seed, 1)
+        r, w = self.dist.rank, self.dist.world
+        self.lb_stream = Stream(len(self.labeled), t.labeled_bs, self.cfg.seed, 0, r, w)
+        self.ub_stream = (Stream(len(self.unlabeled), t.unlabeled_bs, self.cfg.seed, 1, r, w)
                           if self.unlabeled is not None and t.unlabeled_bs > 0 else None)
         self.step = 0                  # next step to run
         self.best = -math.inf
@@ -128,8 +131,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "streams": {"labeled": self.lb_stream.state_dict(),
                         "unlabeled": self.ub_stream.state_dict() if self.ub_stream else None},
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": {"torch": dist.gather_objects(self.dist, torch.get_rng_state()),   # one per rank
+                    "cuda": dist.gather_objects(self.dist, torch.cuda.get_rng_state() if torch.cuda.is_available() else None)},
             "method_state": self.method.extra_state(),
             "history": [list(h) for h in self.history],
             **self.model_info,
@@ -144,9 +147,15 @@ class Trainer:
         self.lb_stream.load_state_dict(s["streams"]["labeled"])
         if self.ub_stream is not None:
             self.ub_stream.load_state_dict(s["streams"]["unlabeled"])
-        torch.set_rng_state(s["rng"]["torch"])
-        if s["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["rng"]["cuda"])
+        states = s["rng"]["torch"]
+        if len(states) == self.dist.world:
+            torch.set_rng_state(states[self.dist.rank])
+            if s["rng"]["cuda"][self.dist.rank] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(s["rng"]["cuda"][self.dist.rank])
+        else:                                     # another number of processes: continue, not bitwise
+            torch.manual_seed(self.cfg.seed + 1000003 * self.dist.rank + s["step"])
+            self.log_fn(f"resumed with {self.dist.world} processes from a {len(states)}-process checkpoint: "
+                        "training continues exactly from the weights, but random draws differ from a straight run")
         self.method.load_extra_state(s["method_state"])
         self.step, self.best, self.best_step = s["step"], s["best"], s["best_step"]
         self.nonfinite = int(s.get("nonfinite", 0))
@@ -154,20 +163,28 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         if self.run_dir is not None:
-            save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", self.state_dict())
+            dist.average_buffers(self.dist, self.ctx.modules.values())
+            state = self.state_dict()             # a collective under DDP: every rank builds it
+            if self.dist.is_main:
+                save_checkpoint(self.run_dir / "checkpoints" / f"{name}.pt", state)
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> float:
+        dist.average_buffers(self.dist, self.ctx.modules.values())
         model = self.method.eval_model()
         d = self.cfg.data
-        dices = []
-        for vc in self.val_cases:
+        dices = {}
+        mine = list(enumerate(self.val_cases))[self.dist.rank::self.dist.world]   # each rank scores its share
+        for i, vc in mine:
             pred = predict_slicewise(model, vc.image, tuple(d.patch_size), image_order=d.image_order,
                                      slice_axis=d.slice_axis, batch_size=self.cfg.eval.batch_size,
                                      device=self.device, channels_last=self.precision.channels_last,
                                      autocast=lambda: self.precision.autocast(self.device))
-            dices.append(dice_per_class(pred, vc.label, self.ctx.num_classes))
-        return float(np.nanmean(np.nanmean(np.array(dices), axis=0))) if dices else float("nan")
+            dices[i] = dice_per_class(pred, vc.label, self.ctx.num_classes)
+        for part in dist.gather_objects(self.dist, dices):
+            dices.update(part)
+        per_case = np.array([dices[i] for i in sorted(dices)])
+        return float(np.nanmean(np.nanmean(per_case, axis=0))) if len(per_case) else float("nan")
 
     # ---- loop ----------------------------------------------------------------------------------
     def stage_bounds(self) -> dict[str, int]:
@@ -223,6 +240,8 @@ class Trainer:
         t = self.cfg.train
         bounds = self.stage_bounds()
         stage = self._enter_stage(bounds, resumed=self.step > 0)
+        if not self.dist.is_main:
+            progress, metrics = False, None
         bar = tqdm(total=self.total, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True,
                    mininterval=1.0)
         start_time = time.perf_counter()
@@ -237,7 +256,7 @@ class Trainer:
             buffers = self._snapshot_buffers()
             with self.precision.autocast(self.device):
                 out = self.method.train_step(lb, ub, step)
-            if not torch.isfinite(out.loss.detach()):
+            if dist.any_true(self.dist, not bool(torch.isfinite(out.loss.detach()))):   # all ranks agree
                 self.nonfinite += 1
                 self.opt.zero_grad(set_to_none=True)
                 self._restore_buffers(buffers)       # the skipped forward must not leave NaN in BN statistics
@@ -269,12 +288,14 @@ class Trainer:
                 if dice > self.best:
                     self.best, self.best_step = dice, self.step
                     self._save("best")
-                bar.write(f"step {self.step}: val Dice {dice:.4f} (best {self.best:.4f} at {self.best_step})")
+                if self.dist.is_main:
+                    bar.write(f"step {self.step}: val Dice {dice:.4f} (best {self.best:.4f} at {self.best_step})")
             if healthy and (self.step % t.ckpt_every == 0 or self.step == self.total):
                 self._save("last")
             if stop_after is not None and self.step >= stop_after:
                 break
         bar.close()
+        dist.average_buffers(self.dist, self.ctx.modules.values())
         if not self.val_cases:
             self._save("best")
             self.best_step = self.step

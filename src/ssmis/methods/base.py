@@ -62,6 +62,7 @@ class Method:
     uses_unlabeled: ClassVar[bool] = True
     stages: ClassVar[tuple[str, ...]] = ("train",)
     fresh_optimizer_per_stage: ClassVar[bool] = False   # BCP: each stage starts a new optimiser
+    find_unused_parameters: ClassVar[bool] = False      # DDP: set when some parameters get no gradient in a step
     spatial_dims: ClassVar[frozenset[int]] = frozenset({2, 3})
 
     def __init__(self, cfg: MethodConfig, ctx: BuildContext):

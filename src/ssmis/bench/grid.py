@@ -1,0 +1,361 @@
+"""Bench suites: a base config x a grid of config values -> one ordinary run directory per cell. Finished cells
+are skipped, interrupted ones resumed; `--jobs N` trains N cells side by side, one process each."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ssmis.atomic import atomic_write_text
+from ssmis.errors import UserError
+
+CELL_RECORD = "bench_cell.json"          # written by the bench beside a finished cell: speed, memory, machine
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QualitativeSpec(_Strict):
+    slices: int = Field(3, ge=1, le=12, description="Test slices shown (the slice with most reference foreground of a case).")
+    cases: list[str] | None = Field(None, description="Test case ids to show (default: the first test cases).")
+    labeled: float | None = Field(None, description="Labelled count whose methods are shown (default: the smallest).")
+    seed: int | None = Field(None, description="Training seed whose runs are shown (default: the first).")
+
+
+class Suite(_Strict):
+    name: str | None = Field(None, description="Suite name (default: the file name).")
+    base: str = Field(description="Base config: a YAML path relative to the suite file, or a preset name.")
+    grid: dict[str, list[Any]] = Field(description="Config key -> values; every combination is one run (cell).")
+    set: dict[str, Any] = Field(default_factory=dict, description="Config key -> value for every cell (under the grid).")
+    out: str | None = Field(None, description="Suite folder, relative to the current directory (default runs/bench/<name>).")
+    publish: str | None = Field(None, description="Also copy results.md, results.csv and the plots here (no checkpoints).")
+    qualitative: QualitativeSpec = Field(default_factory=QualitativeSpec)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, grid: dict) -> dict:
+        if not grid:
+            raise ValueError("the grid is empty")
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"{key} has no values")
+            if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+                raise ValueError(f"{key} lists a value twice")
+        return grid
+
+
+@dataclass
+class Cell:
+    name: str
+    values: dict[str, Any]               # grid key -> this cell's value
+    cfg: Any                             # RunConfig
+    dir: Path
+
+    @property
+    def state(self) -> str:
+        return cell_state(self.dir)
+
+
+def cell_state(run_dir: Path) -> str:
+    """finished | trained (test evaluation missing) | interrupted (checkpoint to resume) | started | new."""
+    if (run_dir / "train_summary.json").is_file():
+        return "finished" if (run_dir / "eval" / "test-best" / "summary.json").is_file() else "trained"
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return "interrupted"
+    return "started" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
+
+
+# ---- suite -> cells --------------------------------------------------------------------------------------------
+def load_suite(path: str | Path) -> Suite:
+    from ssmis.config.load import validation_to_user_error
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(str(path), "suite file not found", "Check the path (suites live in benchmarks/).") from None
+    except yaml.YAMLError as e:
+        raise UserError(str(path), f"not valid YAML ({str(e).splitlines()[0]})", "Fix the syntax.") from None
+    if not isinstance(raw, dict):
+        raise UserError(str(path), "a suite must be a mapping (base, grid, ...)", "See benchmarks/phantom_suite.yaml.")
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as err:
+        raise validation_to_user_error(err, Suite, str(path)) from None
+    both = sorted(set(suite.grid) & set(suite.set))
+    if both:
+        raise UserError(f"{path}: set.{both[0]}", "is also a grid key", "Give each key in `grid` or in `set`, not both.")
+    return suite
+
+
+def nest(dotted: dict[str, Any], where: str) -> dict:
+    """{"a.b": 1} -> {"a": {"b": 1}}."""
+    out: dict = {}
+    for key, value in dotted.items():
+        parts = str(key).split(".")
+        if any(not p or p.isdigit() for p in parts):
+            raise UserError(f"{where}: {key}", "not a key path of config sections",
+                            "Use section.key (list items are set by giving the whole list).")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{where}: {key}", f"{p!r} is set both as a value and as a section", "Keep one.")
+        node[parts[-1]] = value
+    return out
+
+
+def _slug(value: Any) -> str:
+    if isinstance(value, dict):
+        value = value.get("name", "-".join(f"{k}{_slug(v)}" for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return "x".join(_slug(v) for v in value)
+    if isinstance(value, float):
+        value = f"{value:g}"
+    return re.sub(r"[^A-Za-z0-9._]+", "_", str(value)).strip("_") or "_"
+
+
+def _rank(key: str) -> int:
+    """Order of the grid keys from slowest to fastest varying: seeds outermost, methods innermost."""
+    return 0 if key == "seed" else 2 if key == "split.labeled" else 3 if key.split(".")[0] == "method" else 1
+
+
+def cell_name(values: dict[str, Any]) -> str:
+    """`mean_teacher-l136-s0`: the method, `l` + labelled count, other keys as `<last key part><value>`, `s` + seed."""
+    def tag(key: str, v: Any) -> str:
+        if key.split(".")[0] == "method":
+            return _slug(v)
+        if key == "split.labeled":
+            return "l" + _slug(v)
+        if key == "seed":
+            return "s" + _slug(v)
+        return key.rsplit(".", 1)[-1] + _slug(v)
+
+    keys = sorted(values, key=lambda k: (-_rank(k), list(values).index(k)))
+    return "-".join(tag(k, values[k]) for k in keys)
+
+
+def _base_ref(suite: Suite, suite_path: Path) -> str:
+    local = suite_path.parent / suite.base
+    return str(local) if local.is_file() else suite.base
+
+
+def suite_out(suite: Suite, suite_path: Path, out: str | Path | None) -> Path:
+    return Path(out or suite.out or Path("runs") / "bench" / (suite.name or suite_path.stem))
+
+
+def build_cells(suite: Suite, suite_path: Path, out: Path) -> list[Cell]:
+    """Every grid combination as a validated config, in run order (seeds outermost, methods innermost)."""
+    from ssmis.config import load_config
+    from ssmis.config.load import _merge
+
+    keys = sorted(suite.grid, key=lambda k: (_rank(k), list(suite.grid).index(k)))
+    common = nest(suite.set, f"{suite_path}: set")
+    base = _base_ref(suite, suite_path)
+    cells: dict[str, Cell] = {}
+    for combo in itertools.product(*(suite.grid[k] for k in keys)):
+        values = {k: v for k, v in zip(keys, combo)}
+        name = cell_name(values)
+        data = _merge(common, nest(values, f"{suite_path}: grid"))
+        try:
+            cfg = load_config(base, data=data)
+        except UserError as e:
+            raise UserError(f"{suite_path} (cell {name})", str(e).rstrip(".")) from None
+        if name in cells:
+            raise UserError(f"{suite_path}: grid", f"two cells are both named {name!r}",
+                            "Make the grid values distinct in their last key part and value.")
+        cells[name] = Cell(name, values, cfg, out / name)
+    return list(cells.values())
+
+
+def check_existing(cells: list[Cell]) -> None:
+    """A cell folder made with another config would be skipped or resumed wrongly: refuse, naming the differences."""
+    from ssmis.engine.rundir import config_differences
+
+    for c in cells:
+        cfg_file = c.dir / "config.yaml"
+        if not cfg_file.is_file():
+            continue
+        old = yaml.safe_load(cfg_file.read_text()) or {}
+        old.pop("ssmis", None)
+        diff = config_differences(old, c.cfg.model_dump(mode="json"))
+        if diff:
+            raise UserError(str(c.dir), f"this cell was run with another config ({'; '.join(diff[:4])})",
+                            "Delete the cell folder to retrain it, or give the suite another --out.")
+
+
+# ---- running one cell ------------------------------------------------------------------------------------------
+def _reset_peak_memory() -> None:
+    try:   # Linux: "5" resets this process's peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory() -> dict:
+    out: dict = {"peak_rss_mib": None, "peak_cuda_mib": None}
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        out["peak_rss_mib"] = round(kib / 1024, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": str(torch.__version__),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "os": platform.system()}
+
+
+def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: int | None = None) -> dict:
+    """Train (or resume, or only evaluate) one cell; returns {"cell", "action"} or {"cell", "error"}.
+
+    Exceptions are returned as text: cells in worker processes must not send exceptions back (UserError does not
+    survive pickling), and one failing cell must not stop the others.
+    """
+    import torch
+
+    from ssmis.config import load_config
+    from ssmis.engine.checkpoint import load_checkpoint
+    from ssmis.engine.run import train
+    from ssmis.eval.run_eval import evaluate_run
+
+    d = Path(run_dir)
+    try:
+        cfg = load_config(None, data=cfg_data)
+        if threads and not cfg.train.threads:
+            torch.set_num_threads(threads)
+        state = cell_state(d)
+        if state == "finished":
+            return {"cell": d.name, "action": "skipped"}
+        if state == "trained":
+            for ck in ("best", "last"):
+                evaluate_run(d, split="test", checkpoint=ck, quiet=True)
+            return {"cell": d.name, "action": "evaluated"}
+        start = int(load_checkpoint(d / "checkpoints" / "last.pt")["step"]) if state == "interrupted" else 0
+        _reset_peak_memory()
+        result = train(cfg, out=d, resume=state == "interrupted", overwrite=state == "started", progress=progress)
+        steps = int(result["step"]) - start
+        record = {"cell": d.name, "iterations": int(result["step"]), "resumed_from": start or None,
+                  "steps_this_session": steps, "train_seconds": round(float(result["seconds"]), 2),
+                  "s_per_it": round(float(result["seconds"]) / steps, 4) if steps > 0 else None,
+                  **_peak_memory(), "precision": result.get("precision"), "machine": machine_info(),
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_text(d / CELL_RECORD, json.dumps(record, indent=1) + "\n")
+        return {"cell": d.name, "action": "resumed" if start else "trained"}
+    except Exception as e:  # noqa: BLE001  (reported by the suite; the other cells go on)
+        return {"cell": d.name, "error": f"{type(e).__name__}: {e}"}
+
+
+def _run_all(cells: list[Cell], jobs: int, progress: bool) -> list[dict]:
+    results = []
+    if jobs <= 1 or len(cells) <= 1:
+        for i, c in enumerate(cells, 1):
+            print(f"\n== cell {i}/{len(cells)}: {c.name} ({c.state}) ==", file=sys.stderr)
+            results.append(run_cell(c.cfg.model_dump(mode="json"), str(c.dir), progress))
+            _say(results[-1])
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    workers = min(jobs, len(cells))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    print(f"training {len(cells)} cells, {workers} at a time ({threads} threads each)", file=sys.stderr)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [pool.submit(run_cell, c.cfg.model_dump(mode="json"), str(c.dir), False, threads) for c in cells]
+        for f in as_completed(futures):
+            results.append(f.result())
+            _say(results[-1], f"({len(results)}/{len(cells)})")
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
+
+
+def _say(r: dict, count: str = "") -> None:
+    if "error" in r:
+        print(f"ssmis: bench: cell {r['cell']} failed: {r['error']}", file=sys.stderr)
+    else:
+        print(f"cell {r['cell']}: {r['action']} {count}".rstrip(), file=sys.stderr)
+
+
+# ---- the command -----------------------------------------------------------------------------------------------
+def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int = 1, dry_run: bool = False,
+              report_only: bool = False, progress: bool = True) -> int:
+    """Run the unfinished cells of a suite, then write its report; 0 when every cell finished, else 1."""
+    suite_path = Path(suite_path)
+    if jobs < 1:
+        raise UserError("--jobs", f"{jobs} is not a number of processes", "Use --jobs 1 or more.")
+    suite = load_suite(suite_path)
+    out_dir = suite_out(suite, suite_path, out)
+    cells = build_cells(suite, suite_path, out_dir)
+    check_existing(cells)
+    states = {c.name: c.state for c in cells}
+    if dry_run:
+        width = max(len(c.name) for c in cells)
+        print(f"suite {suite.name or suite_path.stem}: {len(cells)} cells in {out_dir} (base {_base_ref(suite, suite_path)})")
+        for c in cells:
+            what = {"finished": "finished (skip)", "trained": "trained (evaluate)", "interrupted": "interrupted (resume)",
+                    "started": "started, no checkpoint (restart)", "new": "new"}[states[c.name]]
+            print(f"  {c.name:{width}s}  {what:32s}  " + " ".join(f"{k}={_slug(v)}" for k, v in c.values.items()))
+        return 0
+    failed: list[dict] = []
+    if not report_only:
+        todo = [c for c in cells if states[c.name] != "finished"]
+        counts = {s: sum(v == s for v in states.values()) for s in ("finished", "interrupted", "trained", "started", "new")}
+        print(f"suite {suite.name or suite_path.stem}: {len(cells)} cells in {out_dir}: "
+              + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
+        if todo:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            failed = [r for r in _run_all(todo, jobs, progress) if "error" in r]
+    done = [c for c in cells if c.state == "finished"]
+    if not done:
+        print("ssmis: bench: no finished cell yet: no report written", file=sys.stderr)
+        return 1 if failed or not report_only else 0
+    from ssmis.bench.report import write_report
+
+    paths = write_report(suite, suite_path, cells, out_dir)
+    if suite.publish:
+        pub = Path(suite.publish)
+        for p in paths:
+            dest = pub / p.relative_to(out_dir)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dest)
+        print(f"published to {pub}", file=sys.stderr)
+    print(f"{len(done)} of {len(cells)} cells finished; report: {out_dir / 'results.md'}")
+    if failed:
+        print(f"ssmis: bench: {len(failed)} cells failed: {', '.join(r['cell'] for r in failed)}", file=sys.stderr)
+    return 1 if failed or len(done) < len(cells) and not report_only else 0
