@@ -69,5 +69,10 @@ class UNet2D(nn.Module):
             x = up(x, skip)
         return SegOutput(self.head(x), feats if need_features else None, {"low": x} if need_features else {})
 
-    def forward(self, x: Tensor, need_features: bool = False) -> SegOutput:
-        return self.decode(self.encode(x), need_features)
+    def forward(self, x: Tensor, need_features: bool = False, perturb_features=None) -> SegOutput:
+        """`perturb_features(list) -> list` acts between encoder and decoder (UniMatch's feature stream); going
+        through forward keeps DDP's gradient bookkeeping intact."""
+        feats = self.encode(x)
+        if perturb_features is not None:
+            feats = perturb_features(feats)
+        return self.decode(feats, need_features)
