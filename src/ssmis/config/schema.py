@@ -22,7 +22,12 @@ class DataConfig(Section):
     layout: str = Field("auto", description="Data layout: auto, phantom, ssl4mis_h5, la_h5, hc18, nnunet, folders.")
     root: str | None = Field(None, description="Dataset root folder (not needed for the phantom).")
     num_classes: int | None = Field(None, ge=2, description="Number of classes incl. background; default from the dataset.")
-    patch_size: list[int] = Field([128, 128], description="Training/inference patch size; 2D slices are resized to it.")
+    patch_size: list[int] = Field([128, 128], description="[H, W]: 2D training, slices resized to it (slice-wise "
+                                  "inference on volumes); [D, H, W]: 3D training on patches cropped from volumes "
+                                  "(sliding-window inference).")
+    fg_fraction: float = Field(0.33, ge=0, le=1, description="3D: share of labelled patches centred on a foreground voxel.")
+    restack_volumes: bool = Field(False, description="ssl4mis_h5: rebuild training volumes from their slices "
+                                  "(stack <volume>_slice_K in K order) for 3D training.")
     slice_axis: int = Field(0, ge=0, le=2, description="Axis of 3D volumes along which 2D slices are taken (array order D,H,W).")
     image_order: int = Field(0, ge=0, le=3, description="Spline order when resizing images to the patch (ACDC protocol: 0).")
     mask_values: dict[int, int] | None = Field(None, description="Image-folder layout: mask pixel value -> class index.")
@@ -73,6 +78,7 @@ class TrainConfig(Section):
     ckpt_every: int = Field(200, ge=1, description="Write last.pt every N steps.")
     log_every: int = Field(10, ge=1, description="Write training metrics every N steps.")
     max_nonfinite: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
+    intensity: float = Field(0.0, ge=0, lt=1, description="Intensity jitter x(1+a)+b, a,b ~ U(-v, v); 0 = off.")
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip gradients to this norm (off by default).")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard extra).")
     val_max_cases: int | None = Field(None, ge=1, description="Validate on at most this many val cases (speed).")
@@ -89,7 +95,8 @@ class EvalConfig(Section):
     hd95: Literal["pooled", "max_directed"] = Field("pooled", description="HD95 convention (pooled = medpy, the literature's).")
     empty_both: Literal["skip", "perfect"] = Field("skip", description="Both masks empty: skip (NaN, excluded) or score perfect.")
     empty_one: Literal["worst", "nan"] = Field("worst", description="Exactly one mask empty: worst (Dice 0, distances = diagonal) or nan.")
-    batch_size: int = Field(16, ge=1, description="Slices per forward in slice-wise inference.")
+    batch_size: int = Field(16, ge=1, description="Slices (2D) or windows (3D) per forward at inference.")
+    overlap: float = Field(0.5, ge=0, lt=1, description="3D sliding-window overlap between neighbouring windows.")
 
 
 class DistConfig(Section):

@@ -1,4 +1,5 @@
-"""Batch-wise geometric augmentation in torch (SSL4MIS RandomGenerator and the BCP variant)."""
+"""Batch-wise augmentation in torch: SSL4MIS RandomGenerator and the BCP variant (2D), UA-MT's rot90 +
+flip (3D), and an optional intensity jitter."""
 
 from __future__ import annotations
 
@@ -46,3 +47,28 @@ def random_geometry(image: Tensor, label: Tensor | None, gen: torch.Generator, k
         if lab is not None:
             lab[idx] = out[:, -1].round().to(lab.dtype)
     return img, lab
+
+
+def random_geometry_3d(image: Tensor, label: Tensor | None, gen: torch.Generator, kind: str = "ssl4mis"
+                       ) -> tuple[Tensor, Tensor | None]:
+    """Per sample B×C×D×H×W: rot90 in-plane (H, W) by k in 0..3, then a flip along H or W (UA-MT's RandomRotFlip)."""
+    if kind == "none":
+        return image, label
+    b = image.shape[0]
+    ks = torch.randint(0, 4, (b,), generator=gen)
+    axes = torch.randint(0, 2, (b,), generator=gen)
+    img = torch.stack([torch.rot90(image[i], int(ks[i]), (2, 3)).flip(2 + int(axes[i])) for i in range(b)])
+    lab = None
+    if label is not None:
+        lab = torch.stack([torch.rot90(label[i], int(ks[i]), (1, 2)).flip(1 + int(axes[i])) for i in range(b)])
+    return img.contiguous(), None if lab is None else lab.contiguous()
+
+
+def intensity_jitter(image: Tensor, gen: torch.Generator, strength: float) -> Tensor:
+    """x·(1+a) + b per sample with a, b ~ U(-strength, strength); identity when strength is 0."""
+    if strength <= 0:
+        return image
+    shape = (image.shape[0],) + (1,) * (image.ndim - 1)
+    a = (torch.rand(shape, generator=gen) * 2 - 1) * strength
+    b = (torch.rand(shape, generator=gen) * 2 - 1) * strength
+    return image * (1 + a) + b

@@ -1,4 +1,5 @@
-"""In-memory training sets: every labelled/unlabelled case decoded once, sliced and resized to the patch."""
+"""In-memory training sets, every case decoded once: 2D slices resized to the patch (SliceSet), or whole 3D
+volumes from which patches are sampled per draw (VolumeSet). Both hand out augmented batches."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ssmis.data.adapter import Adapter, Item
+from ssmis.data.augment import intensity_jitter, random_geometry, random_geometry_3d
 from ssmis.data.resize import resize2d
 from ssmis.errors import UserError
 
@@ -26,6 +28,77 @@ class SliceSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def batch(self, idx: Tensor, gen: torch.Generator, augment: str, intensity: float = 0.0):
+        img, lab = random_geometry(self.images[idx], None if self.labels is None else self.labels[idx], gen, augment)
+        return intensity_jitter(img, gen, intensity), lab, self.slice_index[idx], self.num_slices[idx]
+
+
+@dataclass
+class VolumeSet:
+    """Whole volumes (C×D×H×W, sizes may differ); each draw crops a patch, a share of them centred on foreground."""
+
+    images: list[Tensor]
+    labels: list[Tensor] | None
+    cases: list[str]
+    patch: tuple[int, int, int]
+    fg_fraction: float = 0.33
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _crop(self, i: int, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        img = self.images[i]
+        lab = None if self.labels is None else self.labels[i]
+        pad = [max(0, p - s) for p, s in zip(self.patch, img.shape[1:])]
+        if any(pad):                              # volumes smaller than the patch: zero-pad symmetrically
+            flat = [x for a in reversed(pad) for x in (a // 2, a - a // 2)]
+            img = torch.nn.functional.pad(img, flat)
+            lab = None if lab is None else torch.nn.functional.pad(lab, flat)
+        size = img.shape[1:]
+        want_fg = lab is not None and float(torch.rand(1, generator=gen)) < self.fg_fraction
+        fg = torch.nonzero(lab) if want_fg else None
+        starts = []
+        for ax, (p, s) in enumerate(zip(self.patch, size)):
+            if fg is not None and len(fg):
+                c = int(fg[int(torch.randint(len(fg), (1,), generator=gen)), ax])
+                starts.append(min(max(c - p // 2, 0), s - p))
+            else:
+                starts.append(int(torch.randint(s - p + 1, (1,), generator=gen)))
+        sl = tuple(slice(a, a + p) for a, p in zip(starts, self.patch))
+        return img[(slice(None),) + sl], None if lab is None else lab[sl]
+
+    def batch(self, idx: Tensor, gen: torch.Generator, augment: str, intensity: float = 0.0):
+        crops = [self._crop(int(i), gen) for i in idx]
+        img = torch.stack([c[0] for c in crops])
+        lab = None if self.labels is None else torch.stack([c[1] for c in crops])
+        img, lab = random_geometry_3d(img, lab, gen, augment)
+        none = torch.full((len(idx),), -1)
+        return intensity_jitter(img, gen, intensity), lab, none, none
+
+
+def build_volume_set(adapter: Adapter, items: list[Item], patch: tuple[int, int, int], labeled: bool,
+                     fg_fraction: float = 0.33, desc: str = "") -> VolumeSet:
+    if not items:
+        raise UserError("split", f"the {desc or 'training'} set is empty", "Check split.labeled and the data.")
+    imgs, labs, cases = [], [], []
+    for it in tqdm(items, desc=f"loading {desc}", leave=False, disable=len(items) < 20):
+        sample = adapter.load(it)
+        if sample["image"].ndim != 4:
+            raise UserError(it.source, f"a 3D patch {list(patch)} needs volumes, this case is 2D",
+                            "Use a 2D data.patch_size (slice-wise training) or a 3D dataset.")
+        imgs.append(torch.from_numpy(np.ascontiguousarray(sample["image"], np.float32)))
+        if labeled:
+            if sample.get("label") is None:
+                raise UserError(it.source, "a labelled case has no label", "Check the dataset or the split.")
+            labs.append(torch.from_numpy(np.ascontiguousarray(sample["label"], np.int64)))
+        cases.append(it.id)
+    largest = np.max([im.shape[1:] for im in imgs], axis=0)
+    for ax, (p, m) in enumerate(zip(patch, largest)):
+        if p > m:
+            raise UserError("data.patch_size", f"patch {list(patch)} is larger than every volume along axis {ax} "
+                            f"(largest {m})", f"Use a patch of at most {list(largest)} (smaller volumes are padded).")
+    return VolumeSet(imgs, labs if labeled else None, cases, tuple(patch), fg_fraction)
 
 
 def _slices(sample: dict, axis: int) -> list[tuple[np.ndarray, np.ndarray | None, int, int]]:

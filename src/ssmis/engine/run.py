@@ -14,7 +14,7 @@ import yaml
 from ssmis import __version__
 from ssmis.config import RunConfig, dump_config, load_config
 from ssmis.data.adapter import make_adapter
-from ssmis.data.dataset import build_slice_set
+from ssmis.data.dataset import build_slice_set, build_volume_set
 from ssmis.data.splits import Splits, make_splits
 from ssmis.engine import dist
 from ssmis.engine.amp import resolve_precision
@@ -25,7 +25,7 @@ from ssmis.engine.trainer import MetricsLog, Trainer, TrainingDiverged, ValCase
 from ssmis.errors import UserError
 from ssmis.methods import BuildContext
 from ssmis.models import build_model
-from ssmis.registry import METHODS
+from ssmis.registry import METHODS, MODELS
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -70,19 +70,32 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
     info = adapter.info()
     num_classes = cfg.data.num_classes or info.num_classes
     channels = cfg.data.channels or info.channels
-    if len(cfg.data.patch_size) != 2:
-        raise UserError("data.patch_size", f"{cfg.data.patch_size} is not 2D", "The 2D engine takes [H, W].")
-    if 2 not in method_cls.spatial_dims:
-        raise UserError("method.name", f"{cfg.method['name']} has no 2D form", "Use a 3D model and data.")
+    dims = len(cfg.data.patch_size)
+    model_dims = MODELS.get(cfg.model.name, "model.name").spatial_dims
+    if dims not in (2, 3):
+        raise UserError("data.patch_size", f"{cfg.data.patch_size} is neither [H, W] nor [D, H, W]", "Fix the patch size.")
+    if model_dims != dims:
+        hint = ("A 2D model trains slice-wise: give a 2D data.patch_size [H, W]." if model_dims == 2
+                else "A 3D model needs a 3D data.patch_size [D, H, W].")
+        raise UserError("model.name", f"{cfg.model.name} is a {model_dims}D model but data.patch_size "
+                        f"{cfg.data.patch_size} is {dims}D", hint)
+    if dims not in method_cls.spatial_dims:
+        raise UserError("method.name", f"{cfg.method['name']} has no {dims}D form",
+                        f"Use a {'3' if dims == 2 else '2'}D model and patch size.")
     splits = _splits_for_run(adapter, cfg, run_dir, resuming, dinfo.is_main)
     by_id = {it.id: it for it in adapter.items("train") + adapter.items("eval")}
     patch = tuple(cfg.data.patch_size)
-    labeled = build_slice_set(adapter, [by_id[i] for i in splits.labeled], patch, True,
-                              cfg.data.slice_axis, cfg.data.image_order, "labelled")
+
+    def training_set(ids, labeled, desc):
+        items = [by_id[i] for i in ids]
+        if dims == 3:
+            return build_volume_set(adapter, items, patch, labeled, cfg.data.fg_fraction, desc)
+        return build_slice_set(adapter, items, patch, labeled, cfg.data.slice_axis, cfg.data.image_order, desc)
+
+    labeled = training_set(splits.labeled, True, "labelled")
     unlabeled = None
     if method_cls.uses_unlabeled and t.unlabeled_bs > 0:
-        unlabeled = build_slice_set(adapter, [by_id[i] for i in splits.unlabeled], patch, False,
-                                    cfg.data.slice_axis, cfg.data.image_order, "unlabelled")
+        unlabeled = training_set(splits.unlabeled, False, "unlabelled")
     val_ids = splits.val[: t.val_max_cases] if t.val_max_cases else splits.val
     val_cases = []
     for i in val_ids:
@@ -93,7 +106,9 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
         m = build_model(cfg.model, channels, num_classes).to(device)
         if dinfo.active and cfg.dist.sync_bn:
             m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
-        return m.to(memory_format=torch.channels_last) if precision.channels_last else m
+        if not precision.channels_last:
+            return m
+        return m.to(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
 
     def wrap(module):
         if not dinfo.active:
@@ -104,13 +119,14 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
                    find_unused_parameters=method_cls.find_unused_parameters)
 
     torch.manual_seed(cfg.seed)                    # identical initialisation on every rank
-    ctx = BuildContext(make_model, device, t.iterations, num_classes, spatial_dims=2, wrap=wrap)
+    ctx = BuildContext(make_model, device, t.iterations, num_classes, spatial_dims=dims, wrap=wrap)
     method = method_cls(mcfg, ctx)
     torch.manual_seed(cfg.seed + 1000003 * dinfo.rank)   # per-rank dropout and noise draws
     net = method.eval_model()
     model_info = {"model_name": cfg.model.name, "model_args": dict(net.init_args),
                   "precision": precision.label, "config": cfg.model_dump(mode="json")}
-    log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: {len(labeled)} labelled slices "
+    unit = "slices" if dims == 2 else "volumes"
+    log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: {len(labeled)} labelled {unit} "
         f"({len(splits.labeled)} cases), {len(unlabeled) if unlabeled is not None else 0} unlabelled, "
         f"{len(val_cases)} val cases; {t.iterations} steps; precision {precision.label} ({precision.reason}); "
         f"device {device}, {torch.get_num_threads()} threads" + (f", {dinfo.world} processes" if dinfo.active else ""))

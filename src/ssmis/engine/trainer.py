@@ -13,14 +13,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ssmis.data.augment import random_geometry
-from ssmis.data.dataset import SliceSet
+from ssmis.data.dataset import SliceSet, VolumeSet
 from ssmis.engine.amp import Precision
 from ssmis.engine import dist
 from ssmis.engine.checkpoint import save_checkpoint
 from ssmis.engine.streams import Stream
 from ssmis.errors import UserError
-from ssmis.eval.inference import dice_per_class, predict_slicewise
+from ssmis.eval.inference import dice_per_class, predict_case
 from ssmis.methods.base import Batch, BuildContext, Method
 from ssmis.schedules import lr_factor
 
@@ -79,8 +78,8 @@ class Trainer:
     cfg: object                       # RunConfig
     method: Method
     ctx: BuildContext
-    labeled: SliceSet
-    unlabeled: SliceSet | None
+    labeled: SliceSet | VolumeSet
+    unlabeled: SliceSet | VolumeSet | None
     val_cases: list[ValCase]
     precision: Precision
     run_dir: Path | None
@@ -112,14 +111,13 @@ class Trainer:
         self.history: list[tuple[int, float]] = []
 
     # ---- batches -------------------------------------------------------------------------------
-    def _batch(self, data: SliceSet, stream: Stream, labeled: bool) -> Batch:
+    def _batch(self, data: SliceSet | VolumeSet, stream: Stream, labeled: bool) -> Batch:
         idx, gen = stream.next()
-        img, lab = random_geometry(data.images[idx], data.labels[idx] if labeled else None, gen, self.cfg.train.augment)
+        img, lab, pos, num = data.batch(idx, gen, self.cfg.train.augment, self.cfg.train.intensity)
         img = img.to(self.device, non_blocking=True)
         if self.precision.channels_last:
-            img = img.contiguous(memory_format=torch.channels_last)
-        return Batch(img, lab.to(self.device) if lab is not None else None, idx,
-                     data.slice_index[idx], data.num_slices[idx])
+            img = img.contiguous(memory_format=torch.channels_last if img.ndim == 4 else torch.channels_last_3d)
+        return Batch(img, lab.to(self.device) if labeled else None, idx, pos, num)
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -172,14 +170,10 @@ class Trainer:
     def validate(self) -> float:
         dist.average_buffers(self.dist, self.ctx.modules.values())
         model = self.method.eval_model()
-        d = self.cfg.data
         dices = {}
         mine = list(enumerate(self.val_cases))[self.dist.rank::self.dist.world]   # each rank scores its share
         for i, vc in mine:
-            pred = predict_slicewise(model, vc.image, tuple(d.patch_size), image_order=d.image_order,
-                                     slice_axis=d.slice_axis, batch_size=self.cfg.eval.batch_size,
-                                     device=self.device, channels_last=self.precision.channels_last,
-                                     autocast=lambda: self.precision.autocast(self.device))
+            pred = predict_case(model, vc.image, self.cfg, self.device, self.precision)
             dices[i] = dice_per_class(pred, vc.label, self.ctx.num_classes)
         for part in dist.gather_objects(self.dist, dices):
             dices.update(part)
@@ -239,7 +233,8 @@ class Trainer:
     def fit(self, metrics: MetricsLog | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
         t = self.cfg.train
         bounds = self.stage_bounds()
-        stage = self._enter_stage(bounds, resumed=self.step > 0)
+        # resumed exactly at a stage's first step, the stage has not started yet
+        stage = self._enter_stage(bounds, resumed=self.step > bounds[self._stage_at(bounds, self.step)])
         if not self.dist.is_main:
             progress, metrics = False, None
         bar = tqdm(total=self.total, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True,

@@ -57,3 +57,18 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.nd
         if s:
             out[c - 1] = 2.0 * np.logical_and(p, r).sum() / s
     return out
+
+
+def predict_case(model: nn.Module, image: np.ndarray, cfg, device: torch.device, precision) -> np.ndarray:
+    """Label map of one case at its own size: slice-wise for a 2D patch, sliding window for a 3D patch.
+    `cfg` is the RunConfig, `precision` an engine.amp.Precision."""
+    patch = tuple(cfg.data.patch_size)
+    autocast = lambda: precision.autocast(device)  # noqa: E731
+    if len(patch) == 3:
+        from ssmis.eval.sliding_window import predict_volume
+
+        return predict_volume(model, image, patch, overlap=cfg.eval.overlap, batch_size=cfg.eval.batch_size,
+                              device=device, autocast=autocast)
+    return predict_slicewise(model, image, patch, image_order=cfg.data.image_order, slice_axis=cfg.data.slice_axis,
+                             batch_size=cfg.eval.batch_size, device=device, channels_last=precision.channels_last,
+                             autocast=autocast)

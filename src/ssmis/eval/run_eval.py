@@ -15,7 +15,7 @@ from ssmis.data.splits import Splits
 from ssmis.engine.amp import resolve_precision
 from ssmis.engine.checkpoint import load_checkpoint
 from ssmis.errors import UserError
-from ssmis.eval.inference import predict_slicewise
+from ssmis.eval.inference import predict_case
 from ssmis.eval.metrics import case_metrics
 from ssmis.eval.report import format_table, write_report
 from ssmis.models import model_from_args
@@ -42,7 +42,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     model.load_state_dict(state["eval_weights"])
     model = model.to(device)
     if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last if len(cfg.data.patch_size) == 2 else torch.channels_last_3d)
     adapter = make_adapter(cfg.data.layout, cfg.data.root, cfg.data)
     info = adapter.info()
     by_id = {it.id: it for it in adapter.items("train") + adapter.items("eval")}
@@ -54,17 +54,17 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     for cid in tqdm(ids, desc=f"eval {split}", disable=quiet, file=sys.stderr):
         it = by_id[cid]
         s = adapter.load(it)
-        pred = predict_slicewise(model, s["image"], tuple(cfg.data.patch_size), image_order=cfg.data.image_order,
-                                 slice_axis=cfg.data.slice_axis, batch_size=cfg.eval.batch_size, device=device,
-                                 channels_last=precision.channels_last, autocast=lambda: precision.autocast(device))
+        pred = predict_case(model, s["image"], cfg, device, precision)
         for r in case_metrics(pred, s["label"], range(1, num_classes), s.get("spacing"), cfg.eval.hd95,
                               cfg.eval.empty_both, cfg.eval.empty_one):
             rows.append({"case": cid, "patient": it.patient, **r})
     conventions = {"split": split, "checkpoint": checkpoint, "step": int(state["step"]),
                    "selection": "best validation Dice" if checkpoint == "best" else "last step",
                    "hd95": cfg.eval.hd95, "empty_both": cfg.eval.empty_both, "empty_one": cfg.eval.empty_one,
-                   "inference": f"slice-wise at {cfg.data.patch_size}, image order {cfg.data.image_order}, "
-                                "labels resized back with order 0", "precision": precision.label,
+                   "inference": (f"slice-wise at {cfg.data.patch_size}, image order {cfg.data.image_order}, "
+                                 "labels resized back with order 0") if len(cfg.data.patch_size) == 2 else
+                                (f"sliding window {cfg.data.patch_size}, overlap {cfg.eval.overlap}, Gaussian weights"),
+                   "precision": precision.label,
                    "units": "vox and mm" if info.spacing_known else "vox (dataset has no spacing)"}
     summary = write_report(rows, run_dir / "eval" / f"{split}-{checkpoint}", conventions)
     if not quiet:

@@ -61,7 +61,7 @@ class Method:
     Config: ClassVar[type[MethodConfig]]
     uses_unlabeled: ClassVar[bool] = True
     stages: ClassVar[tuple[str, ...]] = ("train",)
-    fresh_optimizer_per_stage: ClassVar[bool] = False   # BCP: each stage starts a new optimiser
+    fresh_optimizer_per_stage: ClassVar[bool] = False   # clear optimiser state when a new stage starts
     find_unused_parameters: ClassVar[bool] = False      # DDP: set when some parameters get no gradient in a step
     spatial_dims: ClassVar[frozenset[int]] = frozenset({2, 3})
 

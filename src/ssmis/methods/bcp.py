@@ -36,7 +36,8 @@ def halves(x: Tensor, where: str = "train.labeled_bs") -> tuple[Tensor, Tensor]:
     """The a/b sub-batches of BCP (first and second half); the batch must have an even size."""
     n = x.shape[0]
     if n % 2 or n == 0:
-        raise UserError(where, f"BCP splits each batch into two equal halves, got {n} images", "Use an even batch size.")
+        raise UserError(where, f"BCP splits each batch into two equal halves, got {n} images",
+                        "Use an even batch size.")
     return x[: n // 2], x[n // 2:]
 
 
@@ -78,7 +79,8 @@ def pseudo_labels(teacher: nn.Module, image: Tensor, lcc: bool = True) -> Tensor
     return largest_component_per_class(pred, logits.shape[1]) if lcc else pred
 
 
-def mix_loss(logits: Tensor, y_out: Tensor, y_in: Tensor, mask: Tensor, w_out: float, w_in: float) -> tuple[Tensor, Tensor]:
+def mix_loss(logits: Tensor, y_out: Tensor, y_in: Tensor, mask: Tensor, w_out: float,
+             w_in: float) -> tuple[Tensor, Tensor]:
     """BCP's region-weighted loss on one mixed batch: target y_out where M = 1 (outside the box, weight w_out)
     and y_in where M = 0 (inside, weight w_in). Returns (Dice, CE):
 
@@ -146,7 +148,8 @@ class BCPConfig(MethodConfig):
                             "(reference ACDC: 10 000 of 10 000 + 30 000 it; ACDC-lite: 500 of 2000).")
     mask_ratio: float = Field(2 / 3, gt=0, lt=1, description="Side of the zero box per axis as a fraction of the "
                               "image side (⌊⅔·256⌋ = 170, ⌊⅔·128⌋ = 85).")
-    u_weight: float = Field(0.5, ge=0, description="Weight of the pseudo-labelled (unlabelled) region in the mixed loss.")
+    u_weight: float = Field(0.5, ge=0, description="Weight of the pseudo-labelled (unlabelled) region in the "
+                            "mixed loss.")
     ema_decay: float = Field(0.99, ge=0, lt=1, description="Fixed EMA decay of the teacher, over the whole state "
                              "dict (BN statistics included), from the pre-trained student.")
     lcc: bool = Field(True, description="Keep only the largest connected component per class of the teacher's "
@@ -157,7 +160,7 @@ class BCPConfig(MethodConfig):
 
 @METHODS.register("bcp")
 class BCP(Method):
-    """BCP: bidirectional copy-paste of labelled/unlabelled images with EMA-teacher pseudo-labels, after copy-paste pre-training."""
+    """BCP: bidirectional labelled/unlabelled copy-paste with EMA-teacher pseudo-labels, after pre-training."""
 
     class Config(BCPConfig):
         name: Literal["bcp"] = "bcp"
@@ -205,7 +208,9 @@ class BCP(Method):
             self.teacher.update(self.ctx.modules["student"], step)
 
     def eval_model(self):
-        return self.teacher.module if getattr(self.cfg, "eval_net", "student") == "teacher" else self.ctx.modules["student"]
+        if getattr(self.cfg, "eval_net", "student") == "teacher":
+            return self.teacher.module
+        return self.ctx.modules["student"]
 
     def extra_state(self) -> dict[str, Any]:
         return {"entered_stage": self._entered}
