@@ -32,7 +32,7 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve_precision(amp: str, channels_last: str, device: torch.device) -> Precision:
+def resolve_precision(amp: str, channels_last: str, device: torch.device, spatial_dims: int = 2) -> Precision:
     cl = channels_last == "on" or (channels_last == "auto" and device.type == "cpu")
     if amp == "off":
         return Precision(None, cl, "train.amp=off")
@@ -42,6 +42,9 @@ def resolve_precision(amp: str, channels_last: str, device: torch.device) -> Pre
         if torch.cuda.is_bf16_supported():
             return Precision(torch.bfloat16, cl, "auto: CUDA with bf16")
         return Precision(torch.float16, cl, "auto: CUDA without bf16")
+    if spatial_dims == 3:
+        # torch 2.13 CPU: bf16 autocast through VNet gave sporadic gradients of 1e32 (same input, differing runs)
+        return Precision(None, cl, "auto: 3D on CPU -> fp32 (bf16 3D backward found unreliable)")
     if cpu_has_native_bf16():
         return Precision(torch.bfloat16, cl, "auto: CPU computes bf16 natively (oneDNN)")
     return Precision(None, cl, "auto: CPU without native bf16 -> fp32")

@@ -62,7 +62,7 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
     device = pick_device(t.device)
-    precision = resolve_precision(t.amp, t.channels_last, device)
+    precision = resolve_precision(t.amp, t.channels_last, device, len(cfg.data.patch_size))
     method_cls = METHODS.get(cfg.method["name"], "method.name")
     mcfg = method_cls.Config.model_validate(cfg.method)
 

@@ -37,7 +37,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     cfg, splits = load_run(run_dir)
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, device)
+    precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, device, len(cfg.data.patch_size))
     model = model_from_args(state["model_name"], state["model_args"])
     model.load_state_dict(state["eval_weights"])
     model = model.to(device)

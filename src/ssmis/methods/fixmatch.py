@@ -39,9 +39,15 @@ class WeakStrongConfig(MethodConfig):
 
     @field_validator("blur_sigma", "cutmix_area", "clip")
     @classmethod
-    def _ordered(cls, v):
-        if v is not None and not v[0] <= v[1]:
+    def _ordered(cls, v, info):
+        if v is None:
+            return v
+        if not v[0] <= v[1]:
             raise ValueError(f"expected [low, high] with low <= high, got {list(v)}")
+        if info.field_name == "blur_sigma" and v[0] <= 0:
+            raise ValueError("blur σ must be positive")
+        if info.field_name == "cutmix_area" and not (0 < v[0] and v[1] <= 1):
+            raise ValueError("box areas are fractions of the image, in (0, 1]")
         return v
 
 
@@ -64,6 +70,7 @@ class WeakToStrong(Method):
         return t.roll(1, 0)
 
     def strong(self, x: Tensor) -> Tensor:
+        """The configured strong view of x, with the blur σ scaled to the image size."""
         c = self.cfg
         scale = math.sqrt(math.prod(x.shape[2:])) / c.blur_ref_size if c.blur_ref_size else 1.0
         sigma = (c.blur_sigma[0] * scale, c.blur_sigma[1] * scale)
@@ -94,6 +101,7 @@ class WeakToStrong(Method):
         return paste(own, other, box), box
 
     def unsup(self, logits: Tensor, labels: Tensor, keep: Tensor) -> Tensor:
+        """The configured unlabelled loss (ignore-Dice or masked CE) against confident pseudo-labels."""
         return pseudo_label_loss(logits, labels, keep, self.cfg.unsup_loss)
 
 

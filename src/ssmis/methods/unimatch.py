@@ -3,6 +3,7 @@ encoder level before decoding), all supervised by the weak-view pseudo-label (me
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -21,11 +22,13 @@ from ssmis.registry import METHODS
 
 def perturbed_forward(net: nn.Module, x: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """Encoder once; decoder once on the concatenation of the clean features and of the features passed
-    through Dropout2d(p) at every encoder level (so BN sees both halves, as the reference `need_fp`).
+    through Dropout2d(p) at every encoder level (so BN sees both halves, as the reference `need_fp`), through
+    the model's forward (`perturb_features`), so a DDP wrapper keeps its gradient bookkeeping.
     Returns (clean logits, perturbed logits), each B×K×spatial."""
-    feats = net.encode(x)
-    out = net.decode([torch.cat([f, F.dropout2d(f, p, training=True)]) for f in feats])
-    clean, perturbed = out.logits.chunk(2)
+    def perturb(feats: list[Tensor]) -> list[Tensor]:
+        return [torch.cat([f, F.dropout2d(f, p, training=True)]) for f in feats]
+
+    clean, perturbed = net(x, perturb_features=perturb).logits.chunk(2)
     return clean, perturbed
 
 
@@ -44,8 +47,8 @@ class UniMatch(WeakToStrong):
     def build(self, ctx):
         super().build(ctx)
         model = ctx.modules["student"]
-        if not (callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))):
-            raise UserError("model.name", f"{type(model).__name__} exposes no encoder features (encode/decode)",
+        if "perturb_features" not in inspect.signature(model.forward).parameters:
+            raise UserError("model.name", f"{type(model).__name__} exposes no encoder features (perturb_features)",
                             "UniMatch's feature perturbation needs such a model, e.g. unet2d.")
 
     def train_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
@@ -54,8 +57,7 @@ class UniMatch(WeakToStrong):
         mix_labels, mix_keep = self.partner_targets(x_w)
         x_s1, box1 = self.mixed_strong_view(x_w)
         x_s2, box2 = self.mixed_strong_view(x_w)
-        # the engine's DDP wrapper is bypassed here (encode/decode are not its forward)
-        clean, perturbed = perturbed_forward(self.ctx.modules["student"], torch.cat([lb.image, x_w]), c.fp_dropout)
+        clean, perturbed = perturbed_forward(self.net, torch.cat([lb.image, x_w]), c.fp_dropout)
         z_l, z_w, z_fp = clean[:n], clean[n:], perturbed[n:]
         z_s1, z_s2 = self.net(torch.cat([x_s1, x_s2])).logits.chunk(2)
         labels, keep = pseudo_label(z_w.detach().float().softmax(1), c.threshold)
