@@ -100,17 +100,43 @@ class SSL4MISAdapter(Adapter):
         names = ["background", "RV", "Myo", "LV"] if self._k == 4 else None
         return DatasetInfo(self.name, self._k, 2, 1, False, names, eval_spatial_dims=3)
 
+    @cached_property
+    def _train_volumes(self) -> list[Item]:
+        """Training volumes rebuilt from their slices (`<volume>_slice_K` stacked in K order)."""
+        groups: dict[str, list[Item]] = {}
+        for it in self._train:
+            groups.setdefault(_SLICE.fullmatch(it.id)["volume"], []).append(it)
+        return [Item(v, its[0].patient, True, its[0].source,
+                     {"slices": [i.source for i in sorted(its, key=lambda i: i.meta["slice_index"])],
+                      **({"frame": its[0].meta["frame"]} if "frame" in its[0].meta else {})})
+                for v, its in groups.items()]
+
+    @property
+    def _restack(self) -> bool:
+        return bool(getattr(self.cfg, "restack_volumes", False))
+
     def items(self, role):
         if role == "train":
-            return list(self._train)
+            return list(self._train_volumes if self._restack else self._train)
         val, test = self._val_test
         return [Item(n, m["patient"], True, str(self._data / f"{n}.h5"), _frame(m))
                 for n, m in ((n, _VOLUME.fullmatch(n)) for n in val + test)]
 
     def load(self, item: Item) -> dict:
-        dims = 2 if "slice_index" in item.meta else 3
-        image, label = read_h5(Path(item.source), dims, self._k, item.has_label)
-        sample = {"image": image[None], "case": item.id, "patient": item.patient, "spacing": None, **item.meta}
+        if "slices" in item.meta:
+            parts = [read_h5(Path(p), 2, self._k, item.has_label) for p in item.meta["slices"]]
+            shapes = {im.shape for im, _ in parts}
+            if len(shapes) > 1:
+                raise DataError(item.source, f"slices of {item.id} differ in shape {sorted(shapes)}",
+                                "Volumes can only be restacked from slices of one size.")
+            image = np.stack([im for im, _ in parts])
+            label = np.stack([lb for _, lb in parts]) if item.has_label else None
+            meta = {k: v for k, v in item.meta.items() if k != "slices"}
+        else:
+            dims = 2 if "slice_index" in item.meta else 3
+            image, label = read_h5(Path(item.source), dims, self._k, item.has_label)
+            meta = item.meta
+        sample = {"image": image[None], "case": item.id, "patient": item.patient, "spacing": None, **meta}
         if label is not None:
             sample["label"] = label
         return sample
@@ -130,11 +156,19 @@ class SSL4MISAdapter(Adapter):
             raise UserError("split.labeled", f"the protocol takes {n} slices but train_slices.list has {len(names)}",
                             "Use a smaller size or split.protocol=false.")
         val, test = self._val_test
+        if self._restack:                         # volumes of the protocol's labelled slices
+            lab_vol = {_SLICE.fullmatch(x)["volume"] for x in names[:n]}
+            vols = [it.id for it in self._train_volumes]
+            lab, unl = [v for v in vols if v in lab_vol], [v for v in vols if v not in lab_vol]
+        else:
+            lab, unl = names[:n], names[n:]
         meta = {"rule": "ACDC protocol: the first N slices of train_slices.list are labelled, the rest unlabelled; "
                         "val.list / test.list are val / test (the seed plays no part)",
                 "labeled_slices": n, "labeled_patients": len({it.patient for it in self._train[:n]}),
                 "unlabeled_slices": len(names) - n, "val_volumes": len(val), "test_volumes": len(test), "seed": seed}
-        return Splits(names[:n], names[n:], list(val), list(test), meta)
+        if self._restack:
+            meta["restacked_volumes"] = {"labeled": len(lab), "unlabeled": len(unl)}
+        return Splits(lab, unl, list(val), list(test), meta)
 
 
 @LAYOUTS.register("la_h5")
