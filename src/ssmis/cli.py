@@ -112,23 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a suite (methods x labelled counts x seeds) -> results.csv/.md and plots")
     b.add_argument("suite", help="suite YAML (base config + grid; see benchmarks/)")
-    b.add_argument("--out", help="suite folder (default: the suite's `out`, else runs/bench/<name>)")
-    b.add_argument("--jobs", type=int, default=1, help="cells trained side by side, one process each (default 1)")
+    b.add_argument("--out", metavar="DIR", help="suite folder (default: the suite's `out`, else runs/bench/<name>)")
+    b.add_argument("--jobs", type=int, default=1, metavar="N", help="cells trained side by side, one process each (default 1)")
     b.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
     b.add_argument("--report-only", action="store_true", help="write the report from the finished cells; train nothing")
     b.set_defaults(func=_bench)
 
     pr = sub.add_parser("predict", help="masks and measurements (volumes, EF, head circumference) for new scans")
-    pr.add_argument("--run", required=True, help="run directory (or a checkpoint .pt) of a trained model")
+    pr.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory (or a checkpoint .pt) of a trained model")
     pr.add_argument("inputs", nargs="+", metavar="INPUT",
                     help="NIfTI, PNG/JPG images, SSL4MIS HDF5 files, or folders of them")
-    pr.add_argument("--out", required=True, help="output folder: masks in the input's format, measurements.csv")
+    pr.add_argument("--out", required=True, metavar="DIR", help="output folder: masks in the input's format, measurements.csv")
     pr.add_argument("--checkpoint", default="best", choices=["best", "last"], help="checkpoint of --run (default best)")
-    pr.add_argument("--pixel-size", type=float, help="pixel size in mm of 2D inputs (overrides any CSV)")
-    pr.add_argument("--pixel-csv", help="CSV with columns filename and 'pixel size(mm)' (HC18 layout)")
+    pr.add_argument("--pixel-size", type=float, metavar="MM", help="pixel size in mm of 2D inputs (overrides any CSV)")
+    pr.add_argument("--pixel-csv", metavar="CSV", help="CSV with columns filename and 'pixel size(mm)' (HC18 layout)")
     pr.add_argument("--measure", default="auto", choices=["auto", "hc", "volumes"],
                     help="auto: volumes per class, plus head circumference for ellipse targets (HC18); "
-                         "hc: always measure the HC; volumes: never")
+                         "hc: always add the HC; volumes: volumes only")
     pr.add_argument("--overlay", action="store_true", help="also write overlay PNGs under OUT/overlays/")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto)")
     pr.set_defaults(func=_predict)

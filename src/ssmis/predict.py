@@ -58,13 +58,12 @@ class Model:
         return int(self.net.init_args["num_classes"])
 
     def predict(self, image: np.ndarray) -> np.ndarray:
-        from ssmis.eval.inference import predict_slicewise
+        """Label map at the image's size: slice-wise for a 2D model, sliding window for a 3D one (as `ssmis eval`)."""
+        from ssmis.eval.inference import predict_case
 
-        d = self.cfg.data
-        return predict_slicewise(self.net, image, tuple(d.patch_size), image_order=d.image_order,
-                                 slice_axis=d.slice_axis, batch_size=self.cfg.eval.batch_size, device=self.device,
-                                 channels_last=self.precision.channels_last,
-                                 autocast=lambda: self.precision.autocast(self.device))
+        if len(self.cfg.data.patch_size) == 3 and image.ndim != 4:
+            raise ValueError(f"a 3D model needs a volume, got an image of shape {image.shape}")
+        return predict_case(self.net, image, self.cfg, self.device, self.precision)
 
 
 def load_trained_model(source: str | Path, checkpoint: str = "best", device: str = "auto") -> Model:
@@ -97,7 +96,7 @@ def load_trained_model(source: str | Path, checkpoint: str = "best", device: str
     net.load_state_dict(state["eval_weights"])
     net = net.to(dev)
     if precision.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last if len(cfg.data.patch_size) == 2 else torch.channels_last_3d)
     net.eval()
     model = Model(net, cfg, state["config"], int(state.get("step", -1)), dev, precision)
     model.class_names = _class_names(cfg, model.num_classes)
@@ -433,9 +432,12 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path, checkpoi
             if spacing is None and sample["ndim"] == 2 and (pixel_size is not None or info):
                 spacing = (pixel_size or info["pixel_mm"],) * 2
             m2d = mask[0] if mask.ndim == 3 and sample["ndim"] == 2 else mask
+            # shape and spacing in the input file's axis order (NIfTI X, Y, Z; images rows, columns)
+            file_spacing = spacing[::-1] if spacing and case.kind == "nifti" else spacing
             row = {"case": case.name, "input": str(case.paths[0]), "output": str(case.out),
-                   "shape": "x".join(map(str, m2d.shape)),
-                   "spacing_mm": "x".join(f"{s:.6g}" for s in spacing) if spacing else "", "ndim": sample["ndim"]}
+                   "shape": "x".join(map(str, sample["shape"][: sample["ndim"]])),
+                   "spacing_mm": "x".join(f"{s:.6g}" for s in file_spacing) if file_spacing else "",
+                   "ndim": sample["ndim"]}
             values, ellipse = measure_case(m2d, spacing, model, hc, info)
             row.update(values)
             rows.append(row)

@@ -118,11 +118,12 @@ def nest(dotted: dict[str, Any], where: str) -> dict:
     return out
 
 
-def _slug(value: Any) -> str:
+def value_tag(value: Any) -> str:
+    """A config value as a file-name-safe tag: [64, 64] -> 64x64, 0.5 -> 0.5, {name: bcp, ...} -> bcp."""
     if isinstance(value, dict):
-        value = value.get("name", "-".join(f"{k}{_slug(v)}" for k, v in value.items()))
+        value = value.get("name", "-".join(f"{k}{value_tag(v)}" for k, v in value.items()))
     if isinstance(value, (list, tuple)):
-        return "x".join(_slug(v) for v in value)
+        return "x".join(value_tag(v) for v in value)
     if isinstance(value, float):
         value = f"{value:g}"
     return re.sub(r"[^A-Za-z0-9._]+", "_", str(value)).strip("_") or "_"
@@ -137,12 +138,12 @@ def cell_name(values: dict[str, Any]) -> str:
     """`mean_teacher-l136-s0`: the method, `l` + labelled count, other keys as `<last key part><value>`, `s` + seed."""
     def tag(key: str, v: Any) -> str:
         if key.split(".")[0] == "method":
-            return _slug(v)
+            return value_tag(v)
         if key == "split.labeled":
-            return "l" + _slug(v)
+            return "l" + value_tag(v)
         if key == "seed":
-            return "s" + _slug(v)
-        return key.rsplit(".", 1)[-1] + _slug(v)
+            return "s" + value_tag(v)
+        return key.rsplit(".", 1)[-1] + value_tag(v)
 
     keys = sorted(values, key=lambda k: (-_rank(k), list(values).index(k)))
     return "-".join(tag(k, values[k]) for k in keys)
@@ -150,7 +151,7 @@ def cell_name(values: dict[str, Any]) -> str:
 
 def _base_ref(suite: Suite, suite_path: Path) -> str:
     local = suite_path.parent / suite.base
-    return str(local) if local.is_file() else suite.base
+    return os.path.normpath(local) if local.is_file() else suite.base
 
 
 def suite_out(suite: Suite, suite_path: Path, out: str | Path | None) -> Path:
@@ -265,7 +266,10 @@ def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: int |
             return {"cell": d.name, "action": "evaluated"}
         start = int(load_checkpoint(d / "checkpoints" / "last.pt")["step"]) if state == "interrupted" else 0
         _reset_peak_memory()
-        result = train(cfg, out=d, resume=state == "interrupted", overwrite=state == "started", progress=progress)
+        result = train(cfg, out=d, resume=state == "interrupted", overwrite=state == "started", progress=progress,
+                       test_at_end=False)
+        for ck in ("best", "last"):
+            evaluate_run(d, split="test", checkpoint=ck, quiet=True)
         steps = int(result["step"]) - start
         record = {"cell": d.name, "iterations": int(result["step"]), "resumed_from": start or None,
                   "steps_this_session": steps, "train_seconds": round(float(result["seconds"]), 2),
@@ -330,7 +334,7 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int =
         for c in cells:
             what = {"finished": "finished (skip)", "trained": "trained (evaluate)", "interrupted": "interrupted (resume)",
                     "started": "started, no checkpoint (restart)", "new": "new"}[states[c.name]]
-            print(f"  {c.name:{width}s}  {what:32s}  " + " ".join(f"{k}={_slug(v)}" for k, v in c.values.items()))
+            print(f"  {c.name:{width}s}  {what:32s}  " + " ".join(f"{k}={value_tag(v)}" for k, v in c.values.items()))
         return 0
     failed: list[dict] = []
     if not report_only:

@@ -1,0 +1,188 @@
+"""`ssmis bench`: a tiny phantom suite end to end, skipping finished cells, resuming an interrupted suite,
+--dry-run, the report's content, and suite mistakes as one-line user errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from conftest import SMALL
+from ssmis.bench import run_suite
+from ssmis.cli import main
+from ssmis.errors import UserError
+
+METHODS = ["supervised", "mean_teacher"]
+
+
+def suite_file(tmp_path, name="tiny", grid=None, **extra):
+    common = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in SMALL)}
+    common.update({"train.iterations": 20, "train.eval_every": 10, "train.ckpt_every": 10, "train.log_every": 5})
+    suite = {"name": name, "base": "phantom", "set": common,
+             "grid": grid or {"method.name": METHODS, "seed": [0, 1]}, "qualitative": {"slices": 2}, **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """The tiny suite (2 methods x 2 seeds, 20 steps) run once; returns (suite file, suite folder)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    path, out = suite_file(tmp), tmp / "out"
+    n = torch.get_num_threads()
+    assert run_suite(path, out=out, progress=False) == 0
+    torch.set_num_threads(n)
+    return path, out
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_suite_runs_every_cell_and_writes_the_report(suite):
+    path, out = suite
+    names = {f"{m}-s{s}" for m in METHODS for s in (0, 1)}
+    for n in names:
+        d = out / n
+        assert (d / "train_summary.json").is_file() and (d / "eval" / "test-best" / "summary.json").is_file()
+        assert (d / "eval" / "test-last" / "summary.json").is_file()
+        rec = json.loads((d / "bench_cell.json").read_text())
+        assert rec["iterations"] == 20 and rec["s_per_it"] > 0 and rec["machine"]["cores"] >= 1
+    # cells of one seed differ only in the method: same split, seed and steps
+    cfg = {n: yaml.safe_load((out / n / "config.yaml").read_text()) for n in names}
+    assert cfg["mean_teacher-s1"]["seed"] == 1 and cfg["mean_teacher-s1"]["method"]["name"] == "mean_teacher"
+    assert (out / "supervised-s0" / "splits.json").read_text() == (out / "mean_teacher-s0" / "splits.json").read_text()
+
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 4 * 2 * 4                      # runs x checkpoints x (3 classes + mean)
+    assert {r["cell"] for r in rows} == names and {r["checkpoint"] for r in rows} == {"best", "last"}
+    assert {r["class_name"] for r in rows} == {"RV", "Myo", "LV", "mean"}
+    one = next(r for r in rows if r["cell"] == "mean_teacher-s1" and r["checkpoint"] == "best" and r["class"] == "mean")
+    summary = json.loads((out / "mean_teacher-s1" / "eval" / "test-best" / "summary.json").read_text())
+    assert float(one["dice"]) == pytest.approx(summary["mean"]["dice"], abs=1e-6)
+    assert one["seed"] == "1" and one["method"] == "mean_teacher" and one["iterations"] == "20"
+
+    md = (out / "results.md").read_text()
+    for word in ("**Data**", "**Split**", "**Selection**", "**Iterations**", "**Patch size**", "**Precision**",
+                 "**Machine**", "Fair by construction", "32×32", "20 optimiser steps"):
+        assert word in md, word
+    assert "`supervised-s0`, `mean_teacher-s0` share split" in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| method | labelled | seeds | Dice RV | Dice Myo | Dice LV |")
+    body = {line.split(" | ")[0][2:]: line for line in table[1:]}
+    assert set(body) == set(METHODS) and all("| 2 (0, 1) |" in line for line in body.values())
+    # the mean over seeds in the table is the mean of the two runs' test Dice (best-val checkpoint)
+    dice = [json.loads((out / f"supervised-s{s}" / "eval" / "test-best" / "summary.json").read_text())["mean"]["dice"]
+            for s in (0, 1)]
+    col = table[0].split(" | ").index("**Dice**")
+    assert body["supervised"].split(" | ")[col].strip("*").startswith(f"{sum(dice) / 2:.4f}")
+    assert "**" in "".join(table[1:])                  # the best of each column is bold
+    for png in ("dice", "curves", "qualitative"):
+        data = (out / "plots" / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"(plots/{png}.png)" in md
+
+
+def test_second_run_trains_nothing(suite, monkeypatch):
+    path, out = suite
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*.pt")}
+    assert len(stamps) == 8
+    calls = []
+    import ssmis.engine.run
+
+    monkeypatch.setattr(ssmis.engine.run, "train", lambda *a, **k: calls.append(a) or pytest.fail("trained again"))
+    before = (out / "results.md").stat().st_mtime_ns
+    assert run_suite(path, out=out, progress=False) == 0
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*.pt")} == stamps
+    assert (out / "results.md").stat().st_mtime_ns > before      # the report is rewritten
+
+
+def test_dry_run_lists_cells_and_their_state(suite, tmp_path, capsys):
+    path, out = suite
+    assert main(["bench", str(path), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "4 cells" in text and text.count("finished (skip)") == 4
+    assert main(["bench", str(path), "--out", str(tmp_path / "fresh"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["supervised-s0", "mean_teacher-s0", "supervised-s1", "mean_teacher-s1"]
+    assert all(" new " in line for line in lines)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_interrupted_suite_resumes(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of the second cell: the re-run skips the first, resumes the second from its
+    checkpoint and trains the third, two cells side by side (--jobs 2)."""
+    path = suite_file(tmp_path, "resume", grid={"method.name": ["supervised"], "seed": [0, 1, 2]})
+    out = tmp_path / "out"
+    import ssmis.engine.run
+
+    real_train = ssmis.engine.run.train
+
+    def interrupted(cfg, out=None, **kw):
+        if cfg.seed == 1:
+            real_train(cfg, out=out, **{**kw, "stop_after": 10})
+            raise KeyboardInterrupt
+        return real_train(cfg, out=out, **kw)
+
+    monkeypatch.setattr(ssmis.engine.run, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(path, out=out, progress=False)
+    monkeypatch.setattr(ssmis.engine.run, "train", real_train)
+    first = out / "supervised-s0" / "checkpoints" / "last.pt"
+    stamp = first.stat().st_mtime_ns
+    assert not (out / "supervised-s1" / "train_summary.json").exists()
+    assert (out / "supervised-s1" / "checkpoints" / "last.pt").is_file()
+    assert not (out / "supervised-s2").exists() and not (out / "results.md").exists()
+
+    assert run_suite(path, out=out, jobs=2, progress=False) == 0
+    assert first.stat().st_mtime_ns == stamp
+    rec = json.loads((out / "supervised-s1" / "bench_cell.json").read_text())
+    assert (rec["resumed_from"], rec["steps_this_session"], rec["iterations"]) == (10, 10, 20)
+    assert "resumed at step 10" in (out / "supervised-s1" / "log.txt").read_text()
+    steps = [int(r["step"]) for r in read_csv(out / "supervised-s1" / "metrics.csv") if r["name"] == "loss"]
+    assert steps == [5, 10, 15, 20]
+    assert json.loads((out / "supervised-s2" / "bench_cell.json").read_text())["resumed_from"] is None
+    assert len({r["cell"] for r in read_csv(out / "results.csv")}) == 3
+
+
+def test_differing_split_is_refused(suite, tmp_path):
+    path, out = suite
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.pt"))
+    split_file = copy / "mean_teacher-s0" / "splits.json"
+    s = json.loads(split_file.read_text())
+    s["test"] = s["test"][:1]
+    split_file.write_text(json.dumps(s))
+    with pytest.raises(UserError, match="comparison would be unfair"):
+        run_suite(path, out=copy, report_only=True, progress=False)
+
+
+def test_suite_mistakes_are_one_line_errors(tmp_path, capsys):
+    bad_key = suite_file(tmp_path, "badkey", grid={"split.labled": [2, 3]})
+    assert main(["bench", str(bad_key), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "badkey.yaml" in err and "labled" in err and "labeled" in err
+    extra = suite_file(tmp_path, "extra", grdi={"seed": [0]})
+    assert main(["bench", str(extra), "--dry-run"]) == 2
+    assert "grdi: unknown key" in capsys.readouterr().err
+    cfg = yaml.safe_load(bad_key.read_text())
+    cfg["grid"] = {"seed": [0, 1]}
+    cfg["set"]["seed"] = 3
+    bad_key.write_text(yaml.safe_dump(cfg))
+    assert main(["bench", str(bad_key), "--dry-run"]) == 2
+    assert "also a grid key" in capsys.readouterr().err
