@@ -140,3 +140,16 @@ def test_resume_before_the_first_checkpoint_drops_the_stale_rows(tmp_path):
     train(cfg, out=out, resume=True, progress=False, test_at_end=False)
     steps = [int(r["step"]) for r in rows(out, "train") if r["name"] == "loss"]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_keys_added_to_the_schema_since_a_run_do_not_block_resume():
+    from ssmis.engine.rundir import config_differences
+
+    old = {"train": {"iterations": 10}, "data": {"patch_size": [32, 32]}}
+    new = {"train": {"iterations": 10, "intensity": 0.0}, "data": {"patch_size": [32, 32]}}
+    defaults = {"train": {"iterations": 2000, "intensity": 0.0}}
+    assert config_differences(old, new, defaults) == []
+    new["train"]["intensity"] = 0.2
+    assert config_differences(old, new, defaults) == ["train.intensity: (absent) -> 0.2"]
+    new["train"]["intensity"], new["train"]["iterations"] = 0.0, 20
+    assert config_differences(old, new, defaults) == ["train.iterations: 10 -> 20"]

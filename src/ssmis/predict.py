@@ -91,7 +91,7 @@ def load_trained_model(source: str | Path, checkpoint: str = "best", device: str
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device", "cuda requested but no CUDA device is available", "Use --device cpu.")
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
-    precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, dev)
+    precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, dev, len(cfg.data.patch_size))
     net = model_from_args(state["model_name"], state["model_args"])
     net.load_state_dict(state["eval_weights"])
     net = net.to(dev)

@@ -161,7 +161,7 @@ def suite_out(suite: Suite, suite_path: Path, out: str | Path | None) -> Path:
 def build_cells(suite: Suite, suite_path: Path, out: Path) -> list[Cell]:
     """Every grid combination as a validated config, in run order (seeds outermost, methods innermost)."""
     from ssmis.config import load_config
-    from ssmis.config.load import _merge
+    from ssmis.config.load import merge_config
 
     keys = sorted(suite.grid, key=lambda k: (_rank(k), list(suite.grid).index(k)))
     common = nest(suite.set, f"{suite_path}: set")
@@ -170,7 +170,7 @@ def build_cells(suite: Suite, suite_path: Path, out: Path) -> list[Cell]:
     for combo in itertools.product(*(suite.grid[k] for k in keys)):
         values = {k: v for k, v in zip(keys, combo)}
         name = cell_name(values)
-        data = _merge(common, nest(values, f"{suite_path}: grid"))
+        data = merge_config(common, nest(values, f"{suite_path}: grid"))
         try:
             cfg = load_config(base, data=data)
         except UserError as e:
@@ -185,6 +185,7 @@ def build_cells(suite: Suite, suite_path: Path, out: Path) -> list[Cell]:
 def check_existing(cells: list[Cell]) -> None:
     """A cell folder made with another config would be skipped or resumed wrongly: refuse, naming the differences."""
     from ssmis.engine.rundir import config_differences
+    from ssmis.engine.run import default_config
 
     for c in cells:
         cfg_file = c.dir / "config.yaml"
@@ -192,7 +193,7 @@ def check_existing(cells: list[Cell]) -> None:
             continue
         old = yaml.safe_load(cfg_file.read_text()) or {}
         old.pop("ssmis", None)
-        diff = config_differences(old, c.cfg.model_dump(mode="json"))
+        diff = config_differences(old, c.cfg.model_dump(mode="json"), default_config(c.cfg))
         if diff:
             raise UserError(str(c.dir), f"this cell was run with another config ({'; '.join(diff[:4])})",
                             "Delete the cell folder to retrain it, or give the suite another --out.")

@@ -41,17 +41,18 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(_read_yaml(_resolve_path(str(base), path.parent), seen + (path,)), data)
+    return merge_config(_read_yaml(_resolve_path(str(base), path.parent), seen + (path,)), data)
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge_config(a: dict, b: dict) -> dict:
+    """`b` over `a`, recursively; a `method` section naming another method replaces the old one."""
     out = copy.deepcopy(a)
     for k, v in b.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "method":
-            out[k] = _merge(out[k], v)
+            out[k] = merge_config(out[k], v)
         elif k == "method" and isinstance(v, dict) and isinstance(out.get(k), dict):
             # a different method replaces the section; the same method merges into it
-            out[k] = _merge(out[k], v) if v.get("name", out[k].get("name")) == out[k].get("name") else dict(v)
+            out[k] = merge_config(out[k], v) if v.get("name", out[k].get("name")) == out[k].get("name") else dict(v)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -118,7 +119,7 @@ def load_config(ref: str | Path | None = None, overrides: list[str] | tuple[str,
     if ref is not None:
         path = _resolve_path(str(ref), None)
         source = str(ref)
-        raw = _merge(_read_yaml(path), raw)
+        raw = merge_config(_read_yaml(path), raw)
     for o in overrides:
         apply_override(raw, o)
     try:

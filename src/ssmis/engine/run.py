@@ -34,6 +34,13 @@ def default_run_name(cfg: RunConfig) -> str:
     return cfg.name or f"{cfg.data.layout}-{cfg.method['name']}-l{lab}-s{cfg.seed}"
 
 
+def default_config(cfg: RunConfig) -> dict:
+    """Every key's default (the method section's for this config's method)."""
+    d = RunConfig().model_dump(mode="json")
+    d["method"] = METHODS.get(cfg.method["name"]).Config(name=cfg.method["name"]).model_dump(mode="json")
+    return d
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device", "cuda requested but no CUDA device is available", "Use train.device=cpu.")
@@ -146,7 +153,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, o
     error, resuming = None, False
     if dinfo.is_main:
         try:
-            resuming = prepare_run_dir(run_dir, cfg_dict, resume, overwrite)
+            resuming = prepare_run_dir(run_dir, cfg_dict, resume, overwrite, default_config(cfg))
         except UserError as e:
             error = e
     error, resuming = dist.broadcast_object(dinfo, (error, resuming))   # every rank stops on rank 0's error

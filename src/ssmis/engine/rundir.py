@@ -25,13 +25,23 @@ def _flatten(d, prefix=""):
 RESUME_FREE = {"train.threads", "train.tensorboard", "train.log_every", "train.device"}
 
 
-def config_differences(a: dict, b: dict) -> list[str]:
-    fa, fb = _flatten(a), _flatten(b)
-    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
-            if fa.get(k) != fb.get(k) and k not in RESUME_FREE]
+_MISSING = object()
 
 
-def prepare_run_dir(out: Path, cfg_dict: dict, resume: bool, overwrite: bool) -> bool:
+def config_differences(a: dict, b: dict, defaults: dict | None = None) -> list[str]:
+    """Keys whose values differ between configs `a` (old) and `b` (new). A key the old config lacks (added to
+    the schema since) counts only when the new value is not its default."""
+    fa, fb, fd = _flatten(a), _flatten(b), _flatten(defaults or {})
+    out = []
+    for k in sorted(set(fa) | set(fb)):
+        old, new = fa.get(k, _MISSING), fb.get(k, _MISSING)
+        if old == new or k in RESUME_FREE or (old is _MISSING and k in fd and fd[k] == new):
+            continue
+        out.append(f"{k}: {'(absent)' if old is _MISSING else repr(old)} -> {'(absent)' if new is _MISSING else repr(new)}")
+    return out
+
+
+def prepare_run_dir(out: Path, cfg_dict: dict, resume: bool, overwrite: bool, defaults: dict | None = None) -> bool:
     """Create or check the run directory; returns True when an existing run is to be resumed."""
     out = Path(out)
     cfg_file = out / "config.yaml"
@@ -40,7 +50,7 @@ def prepare_run_dir(out: Path, cfg_dict: dict, resume: bool, overwrite: bool) ->
             raise UserError(str(out), "no run to resume here (no config.yaml)", "Start it without --resume.")
         old = yaml.safe_load(cfg_file.read_text()) or {}
         old.pop("ssmis", None)
-        diff = config_differences(old, cfg_dict)
+        diff = config_differences(old, cfg_dict, defaults)
         if diff:
             raise UserError(str(out), "config differs from the run being resumed: " + "; ".join(diff[:8]),
                             "Resume with the same config, or start a new run with --out.")

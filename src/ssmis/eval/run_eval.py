@@ -5,20 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from ssmis.config import load_config
 from ssmis.data.adapter import make_adapter
 from ssmis.data.splits import Splits
-from ssmis.engine.amp import resolve_precision
-from ssmis.engine.checkpoint import load_checkpoint
 from ssmis.errors import UserError
-from ssmis.eval.inference import predict_case
 from ssmis.eval.metrics import case_metrics
 from ssmis.eval.report import format_table, write_report
-from ssmis.models import model_from_args
+from ssmis.predict import load_trained_model
 
 
 def load_run(run_dir: Path):
@@ -35,14 +30,7 @@ def load_run(run_dir: Path):
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", quiet: bool = False) -> dict:
     run_dir = Path(run_dir)
     cfg, splits = load_run(run_dir)
-    state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, device, len(cfg.data.patch_size))
-    model = model_from_args(state["model_name"], state["model_args"])
-    model.load_state_dict(state["eval_weights"])
-    model = model.to(device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last if len(cfg.data.patch_size) == 2 else torch.channels_last_3d)
+    model = load_trained_model(run_dir, checkpoint, device="cpu" if cfg.train.device == "cpu" else "auto")
     adapter = make_adapter(cfg.data.layout, cfg.data.root, cfg.data)
     info = adapter.info()
     by_id = {it.id: it for it in adapter.items("train") + adapter.items("eval")}
@@ -54,26 +42,22 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     for cid in tqdm(ids, desc=f"eval {split}", disable=quiet, file=sys.stderr):
         it = by_id[cid]
         s = adapter.load(it)
-        pred = predict_case(model, s["image"], cfg, device, precision)
+        pred = model.predict(s["image"])
         for r in case_metrics(pred, s["label"], range(1, num_classes), s.get("spacing"), cfg.eval.hd95,
                               cfg.eval.empty_both, cfg.eval.empty_one):
             rows.append({"case": cid, "patient": it.patient, **r})
-    conventions = {"split": split, "checkpoint": checkpoint, "step": int(state["step"]),
+    conventions = {"split": split, "checkpoint": checkpoint, "step": model.state_step,
                    "selection": "best validation Dice" if checkpoint == "best" else "last step",
                    "hd95": cfg.eval.hd95, "empty_both": cfg.eval.empty_both, "empty_one": cfg.eval.empty_one,
                    "inference": (f"slice-wise at {cfg.data.patch_size}, image order {cfg.data.image_order}, "
                                  "labels resized back with order 0") if len(cfg.data.patch_size) == 2 else
                                 (f"sliding window {cfg.data.patch_size}, overlap {cfg.eval.overlap}, Gaussian weights"),
-                   "precision": precision.label,
+                   "precision": model.precision.label,
                    "units": "vox and mm" if info.spacing_known else "vox (dataset has no spacing)"}
     summary = write_report(rows, run_dir / "eval" / f"{split}-{checkpoint}", conventions)
     if not quiet:
         names = dict(enumerate(info.class_names)) if info.class_names else None
-        print(f"{run_dir} ({checkpoint} checkpoint, step {state['step']}, {split}: {len(ids)} cases)")
+        print(f"{run_dir} ({checkpoint} checkpoint, step {model.state_step}, {split}: {len(ids)} cases)")
         print(format_table(summary, names))
     return summary
 
-
-def headline(summary: dict) -> dict:
-    m = summary["mean"]
-    return {k: (np.nan if m.get(k) is None else m[k]) for k in ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")}
