@@ -273,7 +273,7 @@ class Trainer:
             if metrics and healthy and (self.step % t.log_every == 0 or self.step == self.total) and last_logs:
                 metrics.write(self.step, stage, "train", {**last_logs, "lr": lr})
             bar.update(1)
-            if last_logs:
+            if last_logs and progress and self.step % t.log_every == 0:
                 bar.set_postfix(loss=f"{float(last_logs['loss']):.4f}", lr=f"{lr:.2e}", refresh=False)
             if healthy and self.val_cases and ((t.eval_every and self.step % t.eval_every == 0) or self.step == self.total):
                 dice = self.validate()
