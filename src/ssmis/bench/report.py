@@ -401,7 +401,11 @@ def plot_qualitative(results: Sequence[RunResult], spec, path: Path) -> tuple[Pa
     adapter = make_adapter(cfg.data.layout, cfg.data.root, cfg.data)
     by_id = {it.id: it for it in adapter.items("eval") + adapter.items("train")}
     picks = _pick_slices(adapter, [by_id[i] for i in ids], spec, cfg.data.slice_axis)
-    models = [(r.method, load_trained_model(r.cell.dir, "best", device="cpu")) for r in group]
+    # cells restored from the repository carry no checkpoints (never committed): they are left out here
+    models = [(r.method, load_trained_model(r.cell.dir, "best", device="cpu")) for r in group
+              if (r.cell.dir / "checkpoints" / "best.pt").is_file()]
+    if not models:
+        return None
     plt = _plt()
     ncol = 2 + len(models)
     fig, axes = plt.subplots(len(picks), ncol, figsize=(1.9 * ncol, 1.9 * len(picks) + 0.3), squeeze=False)

@@ -68,7 +68,9 @@ class TrainConfig(Section):
     iterations: int = Field(2000, ge=1, description="Optimiser steps of the whole run, all stages included.")
     labeled_bs: int = Field(4, ge=1, description="Labelled images per step.")
     unlabeled_bs: int = Field(4, ge=0, description="Unlabelled images per step.")
-    augment: Literal["ssl4mis", "bcp", "none"] = Field("ssl4mis", description="Geometric augmentation (methods.md, Augmentation).")
+    augment: Literal["auto", "ssl4mis", "bcp", "none"] = Field(
+        "auto", description="Geometric augmentation (methods.md, Augmentation); auto = the method's own "
+                            "(SSL4MIS RandomGenerator, or the BCP variant for BCP, ABD, FixMatch, UniMatch).")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="Mixed precision; auto = bf16 only where the hardware computes it natively.")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="Memory format; auto = channels_last on CPU.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device; auto = cuda when available.")

@@ -135,7 +135,8 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
     unit = "slices" if dims == 2 else "volumes"
     log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: {len(labeled)} labelled {unit} "
         f"({len(splits.labeled)} cases), {len(unlabeled) if unlabeled is not None else 0} unlabelled, "
-        f"{len(val_cases)} val cases; {t.iterations} steps; precision {precision.label} ({precision.reason}); "
+        f"{len(val_cases)} val cases; {t.iterations} steps; augmentation "
+        f"{t.augment if t.augment != 'auto' else method_cls.default_augment}; precision {precision.label} ({precision.reason}); "
         f"device {device}, {torch.get_num_threads()} threads" + (f", {dinfo.world} processes" if dinfo.active else ""))
     return Trainer(cfg, method, ctx, labeled, unlabeled, val_cases, precision, run_dir, device, model_info, log, dinfo)
 

@@ -91,6 +91,7 @@ class Trainer:
     def __post_init__(self):
         t = self.cfg.train
         self.total = t.iterations
+        self.augment = t.augment if t.augment != "auto" else type(self.method).default_augment
         params = [p for n in self.ctx.trainable for p in self.ctx.modules[n].parameters()]
         o = self.cfg.optim
         if o.name == "sgd":
@@ -113,7 +114,7 @@ class Trainer:
     # ---- batches -------------------------------------------------------------------------------
     def _batch(self, data: SliceSet | VolumeSet, stream: Stream, labeled: bool) -> Batch:
         idx, gen = stream.next()
-        img, lab, pos, num = data.batch(idx, gen, self.cfg.train.augment, self.cfg.train.intensity)
+        img, lab, pos, num = data.batch(idx, gen, self.augment, self.cfg.train.intensity)
         img = img.to(self.device, non_blocking=True)
         if self.precision.channels_last:
             img = img.contiguous(memory_format=torch.channels_last if img.ndim == 4 else torch.channels_last_3d)

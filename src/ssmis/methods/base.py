@@ -62,6 +62,7 @@ class Method:
     uses_unlabeled: ClassVar[bool] = True
     stages: ClassVar[tuple[str, ...]] = ("train",)
     fresh_optimizer_per_stage: ClassVar[bool] = False   # clear optimiser state when a new stage starts
+    default_augment: ClassVar[str] = "ssl4mis"        # what train.augment=auto means for this method
     find_unused_parameters: ClassVar[bool] = False      # DDP: set when some parameters get no gradient in a step
     spatial_dims: ClassVar[frozenset[int]] = frozenset({2, 3})
 

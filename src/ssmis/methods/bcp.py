@@ -162,6 +162,8 @@ class BCPConfig(MethodConfig):
 class BCP(Method):
     """BCP: bidirectional labelled/unlabelled copy-paste with EMA-teacher pseudo-labels, after pre-training."""
 
+    default_augment = "bcp"                # the BCP-variant RandomGenerator (methods.md, Augmentation)
+
     class Config(BCPConfig):
         name: Literal["bcp"] = "bcp"
         eval_net: Literal["student", "teacher"] = Field("student", description="Network validated and exported "

@@ -55,6 +55,8 @@ class WeakToStrong(Method):
     """Shared part of FixMatch and UniMatch: one network, strong views with CutMix from a mix partner whose
     pseudo-labels come from a no-grad eval-mode forward."""
 
+    default_augment = "bcp"                # the BCP-variant RandomGenerator (methods.md, Augmentation)
+
     spatial_dims = frozenset({2})
 
     def build(self, ctx):
