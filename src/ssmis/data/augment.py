@@ -20,6 +20,11 @@ def rotate_nearest(x: Tensor, angles_deg: Tensor) -> Tensor:
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def _square_safe(ks: Tensor, hw) -> Tensor:
+    """Quarter turns swap H and W: on a non-square patch only k in {0, 2} keep the shape."""
+    return ks if hw[0] == hw[1] else (ks % 2) * 2
+
+
 def random_geometry(image: Tensor, label: Tensor | None, gen: torch.Generator, kind: str = "ssl4mis") -> tuple[Tensor, Tensor | None]:
     """Per sample: with p=0.5 rot90 (k in 0..3) + flip along a random axis; otherwise rotation by an integer
     angle in [-20, 19] degrees (`ssl4mis`), or rotation with p=0.5 and nothing otherwise (`bcp`)."""
@@ -28,7 +33,7 @@ def random_geometry(image: Tensor, label: Tensor | None, gen: torch.Generator, k
     b = image.shape[0]
     u = torch.rand(b, generator=gen)
     u2 = torch.rand(b, generator=gen)
-    ks = torch.randint(0, 4, (b,), generator=gen)
+    ks = _square_safe(torch.randint(0, 4, (b,), generator=gen), image.shape[-2:])
     axes = torch.randint(0, 2, (b,), generator=gen)
     angles = torch.randint(-20, 20, (b,), generator=gen)
     rotflip = u > 0.5
@@ -55,7 +60,7 @@ def random_geometry_3d(image: Tensor, label: Tensor | None, gen: torch.Generator
     if kind == "none":
         return image, label
     b = image.shape[0]
-    ks = torch.randint(0, 4, (b,), generator=gen)
+    ks = _square_safe(torch.randint(0, 4, (b,), generator=gen), image.shape[-2:])
     axes = torch.randint(0, 2, (b,), generator=gen)
     img = torch.stack([torch.rot90(image[i], int(ks[i]), (2, 3)).flip(2 + int(axes[i])) for i in range(b)])
     lab = None
