@@ -31,16 +31,9 @@ def small_config(method: str = "supervised", iterations: int = 10, *extra: str):
     return load_config("phantom", small_overrides(method, iterations, *extra))
 
 
-OWN = {"test_losses_schedules", "test_streams_augment", "test_methods_behaviour", "test_learning",
-       "test_resume", "test_cli"}
-
-
 @pytest.fixture(autouse=True)
-def _few_threads(request):
-    """Keep the tests of these modules to one thread (2 shared cores); restore the global state afterwards."""
-    if request.module.__name__.rsplit(".", 1)[-1] not in OWN:
-        yield
-        return
+def _one_thread():
+    """Every test runs on one thread (2 shared cores, no oversubscription); global state restored afterwards."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

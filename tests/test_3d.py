@@ -13,13 +13,6 @@ TINY3D = ["data.phantom.slices=16", "data.phantom.size=32", "data.phantom.patien
           "data.fg_fraction=0.5"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_2d_model_on_3d_patch_is_a_clear_error(tmp_path):
     cfg = load_config("phantom", ["data.patch_size=[16,32,32]", "model.name=unet2d"])

@@ -29,14 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(widths=(4, 8, 16, 32, 64))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    torch.use_deterministic_algorithms(False)
-
 
 def make_method(cls, total=40, **cfg):
     torch.manual_seed(0)

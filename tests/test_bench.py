@@ -29,13 +29,6 @@ def suite_file(tmp_path, name="tiny", grid=None, **extra):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-    torch.use_deterministic_algorithms(False)
-
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):

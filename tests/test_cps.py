@@ -22,13 +22,6 @@ from ssmis.models.unet import UNet2D
 TINY = dict(widths=(4, 8, 16, 32, 64))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_cps(total=300, num_classes=4, spatial_dims=2, make_model=None, seed=0, **cfg):
     torch.manual_seed(seed)

@@ -23,13 +23,6 @@ from ssmis.models.unet import UNet2D
 TINY = dict(widths=(4, 8, 16, 32, 64))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_method(cls, make_model=None, num_classes=4, **cfg):
     torch.manual_seed(0)

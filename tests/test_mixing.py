@@ -13,13 +13,6 @@ from ssmis.data.mixing import (abd_i, abd_i_indices, abd_r, abd_r_indices, bidir
                                swap_patches, to_patches)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def zero_box(mask: torch.Tensor) -> tuple[slice, ...]:
     """The bounding box of the zeros of a mask, asserting that the zeros fill it exactly."""

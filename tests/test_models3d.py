@@ -15,13 +15,6 @@ TINY = [4, 8, 16, 32, 64]
 SHAPE = (16, 32, 16)   # non-cubic, so an axis mix-up shows; bottleneck 1×2×1 (instance norm needs > 1 voxel)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make(name: str, dropout=None, in_channels: int = 2, num_classes: int = 3):
     cls = MODELS.get(name)

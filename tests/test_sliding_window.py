@@ -15,13 +15,6 @@ from ssmis.models.output import SegOutput
 from ssmis.models.vnet import VNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class ConvNet(nn.Module):
     """One conv layer returning SegOutput; k=1 is pointwise (window position cannot matter), k=3 with zero

@@ -14,13 +14,6 @@ from ssmis.data.strong import brightness_contrast, cutmix_box, gaussian_blur, pa
 from ssmis.losses.pseudo import masked_cross_entropy, pseudo_label, pseudo_label_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def images(b=6, c=1, size=32, seed=0):
     """Smooth structured images in [0, 1] (a bright disc on a ramp), plus a little noise."""
