@@ -352,7 +352,7 @@ def test_abd_pretraining_leaves_the_second_network_alone():
 def test_method_configs_spell_out_the_defaults(name, cls):
     cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml")
     assert cfg.method == cls.Config().model_dump()
-    assert cfg.train.augment == "bcp" and cfg.train.iterations == 2000 and cfg.data.patch_size == [128, 128]
+    assert cfg.train.augment == "auto" and cls.default_augment == "bcp" and cfg.train.iterations == 2000 and cfg.data.patch_size == [128, 128]
 
 
 # ---- learns on a tiny phantom --------------------------------------------------------------------------------
