@@ -16,8 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from _common import cpu_model, record  # noqa: E402  (benchmarks/ is the script folder)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(cmd: list[str], env: dict) -> float:
@@ -51,8 +51,7 @@ def main() -> None:
         rows.append(f"| {label} | {summ['best_val_dice']:.4f} (step {summ['best_step']}) | {test:.4f} | {seconds:.0f} |")
         print(rows[-1], flush=True)
     shutil.rmtree(tmp)
-    cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if l.startswith("Model name")), "unknown")
+    cpu = cpu_model()
     text = "\n".join([
         "", "## DDP on CPU: 1 process vs 2 gloo processes (phantom, Mean Teacher, same global batch 4 + 4)", "",
         f"- Command: `python benchmarks/ddp_phantom.py --iterations {a.iterations}`",
@@ -61,8 +60,7 @@ def main() -> None:
         "| setting | best val Dice | test Dice (best-val checkpoint) | wall time (s) |", "|---|---|---|---|", *rows, ""])
     print(text)
     if a.record:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(text)
+        record(text)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import h5py
 import numpy as np
 
 from ssmis.eval.score_folders import score_folders
+from _common import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIFT = 2
@@ -42,9 +42,6 @@ def build_folders(acdc: Path, cases: list[str], root: Path) -> tuple[Path, Path]
     return pred, ref
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown")
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,13 +17,11 @@ import torch
 from ssmis.config import load_config
 from ssmis.engine.run import setup
 from ssmis.registry import METHODS
+from _common import cpu_model, record  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "unknown")
 
 
 def seconds_per_iteration(method: str, data: str, iters: int, warmup: int) -> tuple[float, str]:
@@ -71,8 +68,7 @@ def main() -> None:
         "| method | s/it | relative to Mean Teacher |", "|---|---|---|", *rows, ""])
     print(text)
     if a.record:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write(text)
+        record(text)
 
 
 if __name__ == "__main__":

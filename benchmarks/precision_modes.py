@@ -7,8 +7,6 @@ Prints s/it per mode and which one `train.amp=auto` picks on this machine.
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 
 import torch
@@ -16,11 +14,9 @@ import torch
 from ssmis.engine.amp import resolve_precision
 from ssmis.losses import ce_dice_loss
 from ssmis.models.unet import UNet2D
+from _common import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), platform.processor())
 
 
 def time_mode(bf16: bool, cl: bool, iters: int, batch: int, size: int) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,11 +23,9 @@ from ssmis.engine.run import setup
 from ssmis.losses import ce_dice_loss, softmax_mse
 from ssmis.methods.base import teacher_noise
 from ssmis.models.unet import UNet2D
+from _common import cpu_model, record  # noqa: E402  (benchmarks/ is the script folder)
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "unknown")
 
 
 def bare_stepper(amp: str):
@@ -108,8 +105,7 @@ def main() -> None:
         "", "| precision | bare step (s/it) | ssmis iteration (s/it) | ratio |", "|---|---|---|---|", *rows, ""])
     print(text)
     if a.record:
-        with open(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", "a") as f:
-            f.write(text)
+        record(text)
 
 
 if __name__ == "__main__":

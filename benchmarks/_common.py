@@ -1,0 +1,19 @@
+"""What every benchmark script records beside its numbers: the CPU model, and appending to docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                "unknown")
+
+
+def record(text: str) -> None:
+    with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+        f.write(text)
