@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ssmis.models.output import SegOutput
+from ssmis.models.output import EncoderDecoder, SegOutput
 from ssmis.registry import MODELS
 
 
@@ -31,8 +31,31 @@ class UpBlock(nn.Module):
         return self.conv(torch.cat([skip, self.up(self.reduce(x))], dim=1))
 
 
+class PooledUNet(EncoderDecoder):
+    """Encoder blocks with max-pooling between them, up-blocks taking (x, skip), a head: 2D and 3D alike.
+    Features: encoder maps shallow -> deep; aux `high` (bottleneck) and `low` (last decoder feature)."""
+
+    def check_input(self, x: Tensor) -> None:
+        """Subclasses reject inputs their pooling cannot take."""
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        self.check_input(x)
+        feats = []
+        for i, block in enumerate(self.enc):
+            x = block(x if i == 0 else self.pool(x))
+            feats.append(x)
+        return feats
+
+    def decode(self, feats: list[Tensor], need_features: bool = False) -> SegOutput:
+        x = feats[-1]
+        for up, skip in zip(self.dec, reversed(feats[:-1])):
+            x = up(x, skip)
+        aux = {"high": feats[-1], "low": x} if need_features else {}
+        return SegOutput(self.head(x), feats if need_features else None, aux)
+
+
 @MODELS.register("unet2d")
-class UNet2D(nn.Module):
+class UNet2D(PooledUNet):
     """Encoder of 5 stages (max-pool + ConvBlock), 4 up-blocks, 3×3 output conv. ~1.81 M parameters at C=4."""
 
     spatial_dims = 2
@@ -55,24 +78,3 @@ class UNet2D(nn.Module):
         self.dec = nn.ModuleList(UpBlock(widths[i + 1], widths[i], widths[i])
                                  for i in reversed(range(4)))
         self.head = nn.Conv2d(widths[0], num_classes, 3, padding=1)
-
-    def encode(self, x: Tensor) -> list[Tensor]:
-        feats = []
-        for i, block in enumerate(self.enc):
-            x = block(x if i == 0 else self.pool(x))
-            feats.append(x)
-        return feats
-
-    def decode(self, feats: list[Tensor], need_features: bool = False) -> SegOutput:
-        x = feats[-1]
-        for up, skip in zip(self.dec, reversed(feats[:-1])):
-            x = up(x, skip)
-        return SegOutput(self.head(x), feats if need_features else None, {"low": x} if need_features else {})
-
-    def forward(self, x: Tensor, need_features: bool = False, perturb_features=None) -> SegOutput:
-        """`perturb_features(list) -> list` acts between encoder and decoder (UniMatch's feature stream); going
-        through forward keeps DDP's gradient bookkeeping intact."""
-        feats = self.encode(x)
-        if perturb_features is not None:
-            feats = perturb_features(feats)
-        return self.decode(feats, need_features)

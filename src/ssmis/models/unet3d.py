@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ssmis.models.output import SegOutput
+from ssmis.models.unet import PooledUNet
 from ssmis.models.vnet import check_divisible
 from ssmis.registry import MODELS
 
@@ -58,7 +58,7 @@ class UpBlock3d(nn.Module):
 
 
 @MODELS.register("unet3d")
-class UNet3D(nn.Module):
+class UNet3D(PooledUNet):
     """M&N's 32-base 3D U-Net: ≈ 25.9 M parameters at 2 classes. See the module docstring."""
 
     spatial_dims = 3
@@ -83,24 +83,5 @@ class UNet3D(nn.Module):
         self.dec = nn.ModuleList(UpBlock3d(widths[i + 1], widths[i], norm) for i in reversed(range(4)))
         self.head = nn.Conv3d(widths[0], num_classes, 3, padding=1)
 
-    def encode(self, x: Tensor) -> list[Tensor]:
+    def check_input(self, x: Tensor) -> None:
         check_divisible(x, 16, "unet3d")
-        feats = []
-        for i, block in enumerate(self.enc):
-            x = block(x if i == 0 else self.pool(x))
-            feats.append(x)
-        return feats
-
-    def decode(self, feats: list[Tensor], need_features: bool = False) -> SegOutput:
-        x = feats[-1]
-        for up, skip in zip(self.dec, reversed(feats[:-1])):
-            x = up(x, skip)
-        aux = {"high": feats[-1], "low": x} if need_features else {}
-        return SegOutput(self.head(x), feats if need_features else None, aux)
-
-    def forward(self, x: Tensor, need_features: bool = False, perturb_features=None) -> SegOutput:
-        """`perturb_features(list) -> list` acts between encoder and decoder (UniMatch's feature stream)."""
-        feats = self.encode(x)
-        if perturb_features is not None:
-            feats = perturb_features(feats)
-        return self.decode(feats, need_features)

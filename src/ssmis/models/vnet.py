@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ssmis.models.output import SegOutput
+from ssmis.models.output import EncoderDecoder, SegOutput
 from ssmis.registry import MODELS
 
 STAGE_CONVS_ENC = (1, 2, 3, 3, 3)
@@ -68,7 +68,7 @@ class Up(nn.Sequential):
 
 
 @MODELS.register("vnet")
-class VNet(nn.Module):
+class VNet(EncoderDecoder):
     """VNet (n_filters 16, BN, dropout 0.5): ≈ 9.45 M parameters at 2 classes. See the module docstring."""
 
     spatial_dims = 3
@@ -139,10 +139,3 @@ class VNet(nn.Module):
         x = self.dropout(x)
         aux = {"high": feats[-1], "low": x} if need_features else {}
         return SegOutput(self.head(x), feats if need_features else None, aux)
-
-    def forward(self, x: Tensor, need_features: bool = False, perturb_features=None) -> SegOutput:
-        """`perturb_features(list) -> list` acts between encoder and decoder (UniMatch's feature stream)."""
-        feats = self.encode(x)
-        if perturb_features is not None:
-            feats = perturb_features(feats)
-        return self.decode(feats, need_features)
