@@ -1,7 +1,9 @@
 """The 3D path: volume patches, 3D methods from the same method files, and its user errors."""
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from ssmis.config import load_config
 from ssmis.engine.run import train
@@ -51,14 +53,55 @@ def test_small_volumes_are_padded_and_patches_centre_on_foreground():
     assert img.shape == (2, 1, 8, 24, 16) and lab.shape == (2, 8, 24, 16) and (pos == -1).all()
 
 
+SPHERE = ["data.layout=sphere", "data.patch_size=[16,16,16]", "model.name=vnet", "model.widths=[4,8,16,32,64]",
+          "train.labeled_bs=4", "train.unlabeled_bs=4", "train.threads=1", "train.eval_every=0",
+          "data.fg_fraction=0.5", "train.iterations=300"]
+
+
+def _sphere_dice(method: str, seed: int, tmp_path) -> float:
+    cfg = load_config("phantom", SPHERE + [f"method.name={method}", f"seed={seed}"])
+    r = train(cfg, out=tmp_path / f"{method}-{seed}", progress=False)
+    assert r["precision"] == "fp32"                 # auto: fp32, contiguous for 3D on CPU
+    return r["test_last"]["mean"]["dice"]
+
+
+def test_sphere_phantom_follows_the_spec():
+    from ssmis.data.adapter import make_adapter
+    from ssmis.data.sphere import SHAPE
+
+    ad = make_adapter("sphere", None)
+    sp = ad.protocol_splits(2, 0)
+    assert (len(sp.labeled), len(sp.unlabeled), len(sp.val), len(sp.test)) == (2, 32, 4, 16)
+    items = {it.id: it for it in ad.items("train")}
+    clean = ad.load(items[sp.labeled[0]])
+    noisy = [ad.load(items[c]) for c in sp.test]
+    assert clean["image"].shape == (1, *SHAPE) and set(np.unique(clean["label"])) == {0, 1}
+    fg = clean["label"].mean()
+    assert 0.02 < fg < 0.6                           # one ellipsoid of semi-axes 4-8 in 16x24x24
+
+    def noise(s):                                     # residual around the blurred two-level image
+        im, lab = s["image"][0], s["label"]
+        inner = ndimage.binary_erosion(lab, iterations=2)
+        outer = ~ndimage.binary_dilation(lab, iterations=2)
+        return float(np.mean([im[inner].std(), im[outer].std()]))
+    assert noise(clean) < 0.07 and np.mean([noise(s) for s in noisy]) > 0.1
+    again = make_adapter("sphere", None).load(items[sp.labeled[0]])
+    assert np.array_equal(again["image"], clean["image"])     # deterministic
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method,floor", [("supervised", 0.5), ("mean_teacher", 0.5), ("ua_mt", 0.2), ("bcp", 0.15)])
-def test_3d_method_learns_on_the_phantom(method, floor, tmp_path):
-    # measured (1 thread, fp32, VNet widths 8-128, lr 0.05, 150 steps, seed 0), test Dice of the last checkpoint:
-    # supervised 0.785 (15 s), mean_teacher 0.684 (23 s), ua_mt 0.352 (44 s), bcp 0.299 (41 s); an untrained
-    # network scores about 0. UA-MT and BCP need more steps than a test can afford to pass 0.5: their floors
-    # only show that the 3D path trains them.
-    cfg = load_config("phantom", TINY3D + [f"method.name={method}", "train.iterations=150"])
-    r = train(cfg, out=tmp_path / "r", progress=False)
-    assert r["precision"].startswith("fp32")          # auto picks fp32 for 3D on CPU
-    assert r["test_last"]["mean"]["dice"] >= floor
+def test_bcp_beats_labels_only_in_3d_on_the_sphere_phantom(tmp_path):
+    # methods.md "learns": 300 steps, 4 + 4, seeds 0-2, D_method >= D_sup + 0.02. Measured (1 thread, VNet n_filters 4,
+    # patch 16^3): supervised 0.829 / 0.843 / 0.848 (10 s each), BCP 0.874 / 0.928 / 0.899 (16 s each).
+    sup = np.mean([_sphere_dice("supervised", s, tmp_path) for s in (0, 1, 2)])
+    bcp = np.mean([_sphere_dice("bcp", s, tmp_path) for s in (0, 1, 2)])
+    assert sup >= 0.5 and bcp >= sup + 0.02, (sup, bcp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mean_teacher", "ua_mt", "cps"])
+def test_3d_method_learns_on_the_sphere_phantom(method, tmp_path):
+    # seed 1, measured: mean_teacher 0.892 (16 s), ua_mt 0.890 (27 s), cps 0.656 (25 s); labels-only 0.843.
+    # On this easy binary task (and with the tiny cardiac phantom: seed 0 0.785, seeds 1-2 0.36 for labels-only)
+    # single seeds are noisy, so these only assert the spec's floor: the method trains in 3D.
+    assert _sphere_dice(method, 1, tmp_path) >= 0.5

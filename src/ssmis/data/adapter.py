@@ -50,6 +50,7 @@ class Adapter(ABC):
     """
 
     name: ClassVar[str]
+    needs_root: ClassVar[bool] = True      # False for the built-in phantoms
 
     def __init__(self, root: Path | None, cfg: Any = None):
         self.root = Path(root) if root is not None else None
@@ -83,7 +84,7 @@ def make_adapter(layout: str, root: str | Path | None, cfg: Any = None) -> Adapt
             raise UserError("data.root", "no dataset root given", "Set data.root, or data.layout=phantom.")
         layout = detect_layout(Path(root))
     cls = LAYOUTS.get(layout, "data.layout")
-    if layout != "phantom":
+    if cls.needs_root:
         if root is None:
             raise UserError("data.root", f"layout {layout!r} needs a dataset root", "Set data.root=PATH.")
         if not Path(root).exists():

@@ -78,6 +78,7 @@ class PhantomAdapter(Adapter):
     """The built-in phantom as a layout: every patient one 3D volume; train and eval pools are the same."""
 
     name = "phantom"
+    needs_root = False
 
     def __init__(self, root=None, cfg=None):
         super().__init__(None, cfg)

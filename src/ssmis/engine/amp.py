@@ -33,7 +33,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(amp: str, channels_last: str, device: torch.device, spatial_dims: int = 2) -> Precision:
-    cl = channels_last == "on" or (channels_last == "auto" and device.type == "cpu")
+    # channels_last pays on CPU in 2D; in 3D fp32 on CPU, channels_last_3d was slower (UNet3D F+B, 2 threads,
+    # benchmarks/precision_modes.py --3d), so auto keeps 3D contiguous
+    cl = channels_last == "on" or (channels_last == "auto" and device.type == "cpu" and spatial_dims == 2)
     if amp == "off":
         return Precision(None, cl, "train.amp=off")
     if amp in ("bf16", "fp16"):
