@@ -81,6 +81,15 @@ def test_config_show_applies_overrides(capsys):
     assert cfg["data"]["layout"] == "phantom"
 
 
+def test_set_takes_several_pairs_and_rejects_a_stray_word(capsys):
+    assert main(["config", "show", "phantom", "--set", "train.iterations=9", "method.name=ua_mt", "--set", "seed=3"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["train"]["iterations"], cfg["method"]["name"], cfg["seed"]) == (9, "ua_mt", 3)
+    with pytest.raises(SystemExit):
+        main(["config", "show", "--set", "seed=3", "phantom"])        # config after --set: not a KEY=VALUE
+    assert "is not KEY=VALUE (give the config file before --set)" in capsys.readouterr().err
+
+
 def test_amp_off_unquoted_is_accepted():
     from ssmis.config import load_config
 

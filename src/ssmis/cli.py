@@ -71,6 +71,12 @@ def _config_show(a) -> int:
     return 0
 
 
+def _key_value(text: str) -> str:
+    if "=" not in text or text.startswith("="):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (give the config file before --set)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssmis", description="Semi-supervised medical image segmentation.")
     p.add_argument("--version", action="version", version=f"ssmis {__version__}")
@@ -97,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a method from a config")
     t.add_argument("config", help="YAML config or preset name")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("--set", action="extend", nargs="+", type=_key_value, metavar="KEY=VALUE",
+                   help="override config keys: --set a.b=1 c=2 (repeatable)")
     t.add_argument("--out", help="run directory (default runs/<name>)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
@@ -139,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("config", help="show a resolved config").add_subparsers(dest="config_command", metavar="ACTION")
     cs = cf.add_parser("show", help="print the resolved config (defaults < file < --set)")
     cs.add_argument("config")
-    cs.add_argument("--set", action="append", metavar="KEY=VALUE")
+    cs.add_argument("--set", action="extend", nargs="+", type=_key_value, metavar="KEY=VALUE")
     cs.set_defaults(func=_config_show)
     return p
 
