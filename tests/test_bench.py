@@ -117,6 +117,21 @@ def test_dry_run_lists_cells_and_their_state(suite, tmp_path, capsys):
     assert not (tmp_path / "fresh").exists()
 
 
+def test_only_trains_the_matching_cells(tmp_path, monkeypatch, capsys):
+    path = suite_file(tmp_path, grid={"method.name": METHODS, "seed": [0]})
+    trained = []
+    import ssmis.bench.grid as grid
+
+    monkeypatch.setattr(grid, "_run_all", lambda cells, jobs, progress: trained.extend(c.name for c in cells) or [])
+    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--dry-run", "--only", "mean_*"]) == 0
+    text = capsys.readouterr().out
+    assert "supervised-s0" in text and "not selected (--only)" in text and text.count(" new ") == 1
+    run_suite(path, out=tmp_path / "o", progress=False, only=["mean_*"])
+    assert trained == ["mean_teacher-s0"]
+    with pytest.raises(UserError, match="no cell of the suite matches bcp-"):
+        run_suite(path, out=tmp_path / "o", progress=False, only=["bcp-*"])
+
+
 def test_interrupted_suite_resumes(tmp_path, monkeypatch):
     """Ctrl-C in the middle of the second cell: the re-run skips the first, resumes the second from its
     checkpoint and trains the third, two cells side by side (--jobs 2)."""

@@ -46,7 +46,7 @@ def _demo(a) -> int:
 def _bench(a) -> int:
     from ssmis.bench import run_suite
 
-    return run_suite(a.suite, out=a.out, jobs=a.jobs, dry_run=a.dry_run, report_only=a.report_only)
+    return run_suite(a.suite, out=a.out, jobs=a.jobs, dry_run=a.dry_run, report_only=a.report_only, only=a.only)
 
 
 def _predict(a) -> int:
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=1, metavar="N", help="cells trained side by side, one process each (default 1)")
     b.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
     b.add_argument("--report-only", action="store_true", help="write the report from the finished cells; train nothing")
+    b.add_argument("--only", nargs="+", metavar="PATTERN", help="train only the cells whose names match (e.g. 'bcp-*')")
     b.set_defaults(func=_bench)
 
     pr = sub.add_parser("predict", help="masks and measurements (volumes, EF, head circumference) for new scans")

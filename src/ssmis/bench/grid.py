@@ -3,6 +3,7 @@ are skipped, interrupted ones resumed; `--jobs N` trains N cells side by side, o
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import os
@@ -319,8 +320,10 @@ def _say(r: dict, count: str = "") -> None:
 
 # ---- the command -----------------------------------------------------------------------------------------------
 def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int = 1, dry_run: bool = False,
-              report_only: bool = False, progress: bool = True) -> int:
-    """Run the unfinished cells of a suite, then write its report; 0 when every cell finished, else 1."""
+              report_only: bool = False, progress: bool = True, only: list[str] | None = None) -> int:
+    """Run the unfinished cells of a suite, then write its report; 0 when every cell finished, else 1.
+
+    `only`: shell patterns of cell names (`bcp-*`); other cells are not trained but still reported when finished."""
     suite_path = Path(suite_path)
     if jobs < 1:
         raise UserError("--jobs", f"{jobs} is not a number of processes", "Use --jobs 1 or more.")
@@ -329,17 +332,22 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int =
     cells = build_cells(suite, suite_path, out_dir)
     check_existing(cells)
     states = {c.name: c.state for c in cells}
+    chosen = {c.name for c in cells if not only or any(fnmatch.fnmatchcase(c.name, p) for p in only)}
+    if not chosen:
+        raise UserError("--only", f"no cell of the suite matches {' '.join(only)}",
+                        f"Cells: {', '.join(c.name for c in cells)} (see --dry-run).")
     if dry_run:
         width = max(len(c.name) for c in cells)
         print(f"suite {suite.name or suite_path.stem}: {len(cells)} cells in {out_dir} (base {_base_ref(suite, suite_path)})")
         for c in cells:
             what = {"finished": "finished (skip)", "trained": "trained (evaluate)", "interrupted": "interrupted (resume)",
                     "started": "started, no checkpoint (restart)", "new": "new"}[states[c.name]]
+            what = what if c.name in chosen else "not selected (--only)"
             print(f"  {c.name:{width}s}  {what:32s}  " + " ".join(f"{k}={value_tag(v)}" for k, v in c.values.items()))
         return 0
     failed: list[dict] = []
     if not report_only:
-        todo = [c for c in cells if states[c.name] != "finished"]
+        todo = [c for c in cells if states[c.name] != "finished" and c.name in chosen]
         counts = {s: sum(v == s for v in states.values()) for s in ("finished", "interrupted", "trained", "started", "new")}
         print(f"suite {suite.name or suite_path.stem}: {len(cells)} cells in {out_dir}: "
               + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
@@ -363,4 +371,4 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int =
     print(f"{len(done)} of {len(cells)} cells finished; report: {out_dir / 'results.md'}")
     if failed:
         print(f"ssmis: bench: {len(failed)} cells failed: {', '.join(r['cell'] for r in failed)}", file=sys.stderr)
-    return 1 if failed or len(done) < len(cells) and not report_only else 0
+    return 1 if failed or len([c for c in done if c.name in chosen]) < len(chosen) and not report_only else 0
