@@ -105,3 +105,20 @@ def test_3d_method_learns_on_the_sphere_phantom(method, tmp_path):
     # On this easy binary task (and with the tiny cardiac phantom: seed 0 0.785, seeds 1-2 0.36 for labels-only)
     # single seeds are noisy, so these only assert the spec's floor: the method trains in 3D.
     assert _sphere_dice(method, 1, tmp_path) >= 0.5
+
+
+@pytest.mark.parametrize("layout", ["la_h5", "nnunet"])
+def test_la_and_nnunet_layouts_feed_3d_training_and_sliding_window_eval(layout, tmp_path):
+    from ssmis.data.export import write_phantom
+
+    root = write_phantom(tmp_path / "data", layout, patients=6, slices=16, size=32)
+    cfg = load_config("phantom", [f"data.layout={layout}", f"data.root={root}", "data.patch_size=[16,16,16]",
+                                  "model.name=vnet", "model.widths=[4,8,16,32,64]", "split.labeled=2",
+                                  "split.val=1", "split.test=1", "train.labeled_bs=2", "train.unlabeled_bs=2",
+                                  "train.threads=1", "train.iterations=4", "train.eval_every=2",
+                                  "method.name=mean_teacher"])
+    r = train(cfg, out=tmp_path / "r", progress=False)
+    rows = r["test_last"]
+    assert 0.0 <= rows["mean"]["dice"] <= 1.0
+    if layout == "nnunet":                       # spacing known: distances also in mm
+        assert rows["mean"]["hd95_mm"] == rows["mean"]["hd95_mm"]     # not NaN
