@@ -42,6 +42,7 @@ def test_methods_lists_the_registered_methods(capsys):
     assert "Labels only" in table["supervised"]
     assert "Mean Teacher" in table["mean_teacher"]
     assert "uncertainty" in table["ua_mt"].lower()
+    assert table["bcp"].startswith("2D/3D ") and table["fixmatch"].startswith("2D ")
 
 
 @pytest.mark.parametrize("override,hint", [("method.lamda_u=1", "Did you mean 'lambda_u'?"),

@@ -59,8 +59,8 @@ def _predict(a) -> int:
 def _methods(a) -> int:
     from ssmis.methods import describe_methods
 
-    for name, line in describe_methods():
-        print(f"{name:16s} {line}")
+    for name, dims, line in describe_methods():
+        print(f"{name:16s} {dims:6s} {line}")
     return 0
 
 

@@ -31,5 +31,11 @@ def method_config(section: dict, source: str = "config") -> MethodConfig:
         raise validation_to_user_error(err, cls.Config, source, prefix="method.") from None
 
 
-def describe_methods() -> list[tuple[str, str]]:
-    return [(n, (METHODS.get(n).__doc__ or "").strip().splitlines()[0]) for n in METHODS.list()]
+def describe_methods() -> list[tuple[str, str, str]]:
+    """(name, dimensions such as '2D/3D', first docstring line) of every registered method."""
+    out = []
+    for n in METHODS.list():
+        cls = METHODS.get(n)
+        dims = "/".join(f"{d}D" for d in sorted(cls.spatial_dims))
+        out.append((n, dims, (cls.__doc__ or "").strip().splitlines()[0]))
+    return out
