@@ -86,3 +86,23 @@ def test_hc18_head_circumference_from_masks_matches_csv(hc18):
         errors.append(ramanujan_perimeter(a, b) * s["spacing"][0] - s["hc_ref_mm"])
     errors = np.abs(errors)
     assert errors.max() < 3.8 and errors.mean() < 1.4
+
+
+def test_hc18_lite_split_counts_and_nested_labelled_sets(hc18):
+    from ssmis.config import load_config
+    from ssmis.data.splits import make_splits
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "hc18.yaml"))
+    subj = {it.id: it.patient for it in hc18.items("train")}
+
+    def subjects(ids):
+        return {subj[i] for i in ids}
+
+    ten = make_splits(hc18, cfg.split)
+    twenty = make_splits(hc18, cfg.split.model_copy(update={"labeled": 0.2}))
+    # methods.md HC18-lite: test round(0.2 * 644) = 129, val 64, train 451; labelled 45 / 90 subjects
+    assert len(subjects(ten.test)) == 129 and len(subjects(ten.val)) == 64
+    assert len(subjects(ten.labeled)) == 45 and len(subjects(twenty.labeled)) == 90
+    assert len(subjects(ten.labeled) | subjects(ten.unlabeled)) == 451
+    assert subjects(ten.labeled) < subjects(twenty.labeled)                     # the 10 % set is inside the 20 %
+    assert (ten.test, ten.val) == (twenty.test, twenty.val)

@@ -30,6 +30,8 @@ class DataConfig(Section):
                                   "(stack <volume>_slice_K in K order) for 3D training.")
     slice_axis: int = Field(0, ge=0, le=2, description="Axis of 3D volumes along which 2D slices are taken (array order D,H,W).")
     image_order: int = Field(0, ge=0, le=3, description="Spline order when resizing images to the patch (ACDC protocol: 0).")
+    pad_square: bool = Field(False, description="2D: zero-pad each slice symmetrically to a square before resizing it "
+                             "to the patch, so the aspect ratio is kept (HC18-lite); predictions are cropped back.")
     mask_values: dict[int, int] | None = Field(None, description="Image-folder layout: mask pixel value -> class index.")
     channels: int | None = Field(None, ge=1, description="Image channels; default from the dataset.")
     phantom: PhantomConfig = Field(default_factory=PhantomConfig, description="Settings of the built-in phantom.")
@@ -99,6 +101,9 @@ class EvalConfig(Section):
     empty_one: Literal["worst", "nan"] = Field("worst", description="Exactly one mask empty: worst (Dice 0, distances = diagonal) or nan.")
     batch_size: int = Field(16, ge=1, description="Slices (2D) or windows (3D) per forward at inference.")
     overlap: float = Field(0.5, ge=0, lt=1, description="3D sliding-window overlap between neighbouring windows.")
+    upsample: Literal["labels", "logits"] = Field("labels", description="2D: how predictions return to the input size: "
+                                                  "nearest-neighbour resize of the label map (ACDC protocol) or bilinear "
+                                                  "resize of the logits, then argmax (HC18-lite).")
 
 
 class DistConfig(Section):

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ssmis.data.adapter import Adapter, Item
 from ssmis.data.augment import intensity_jitter, random_geometry, random_geometry_3d
-from ssmis.data.resize import resize2d
+from ssmis.data.resize import pad_to_square, resize2d
 from ssmis.errors import UserError
 
 
@@ -115,7 +115,7 @@ def _slices(sample: dict, axis: int) -> list[tuple[np.ndarray, np.ndarray | None
 
 
 def build_slice_set(adapter: Adapter, items: list[Item], patch: tuple[int, int], labeled: bool,
-                    slice_axis: int = 0, image_order: int = 0, desc: str = "") -> SliceSet:
+                    slice_axis: int = 0, image_order: int = 0, desc: str = "", pad_square: bool = False) -> SliceSet:
     if not items:
         raise UserError("split", f"the {desc or 'training'} set is empty", "Check split.labeled and the data.")
     imgs, labs, cases, pos, nums = [], [], [], [], []
@@ -124,6 +124,9 @@ def build_slice_set(adapter: Adapter, items: list[Item], patch: tuple[int, int],
         if labeled and sample.get("label") is None:
             raise UserError(it.source, "a labelled case has no label", "Check the dataset or the split.")
         for im, lb, k, n in _slices(sample, slice_axis):
+            if pad_square:
+                im = pad_to_square(im)[0]
+                lb = None if lb is None else pad_to_square(lb)[0]
             imgs.append(resize2d(im, patch, image_order).astype(np.float32))
             if labeled:
                 labs.append(resize2d(lb, patch, 0).astype(np.int64))

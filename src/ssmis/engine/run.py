@@ -97,7 +97,8 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
         items = [by_id[i] for i in ids]
         if dims == 3:
             return build_volume_set(adapter, items, patch, labeled, cfg.data.fg_fraction, desc)
-        return build_slice_set(adapter, items, patch, labeled, cfg.data.slice_axis, cfg.data.image_order, desc)
+        return build_slice_set(adapter, items, patch, labeled, cfg.data.slice_axis, cfg.data.image_order, desc,
+                               cfg.data.pad_square)
 
     labeled = training_set(splits.labeled, True, "labelled")
     unlabeled = None

@@ -1,5 +1,6 @@
 """Slice-wise prediction of a 2D model on 2D images or 3D volumes: resize each slice to the patch,
-predict, argmax, resize back with nearest neighbour, stack (the SSL4MIS/ACDC protocol)."""
+predict, argmax, resize back with nearest neighbour, stack (the SSL4MIS/ACDC protocol). HC18-lite instead pads
+each image to a square first and resizes the logits bilinearly back to the square, then crops and takes argmax."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import contextlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ssmis.data.resize import resize2d
+from ssmis.data.resize import crop_box, pad_to_square, resize2d
 
 
 @contextlib.contextmanager
@@ -28,11 +30,19 @@ def eval_mode(*modules: nn.Module):
 @torch.no_grad()
 def predict_slicewise(model: nn.Module, image: np.ndarray, patch: tuple[int, int], *, image_order: int = 0,
                       slice_axis: int = 0, batch_size: int = 16, device: torch.device = torch.device("cpu"),
-                      channels_last: bool = False, autocast=contextlib.nullcontext) -> np.ndarray:
-    """`image` C×H×W or C×D×H×W -> int label map H×W or D×H×W at the input's size."""
+                      channels_last: bool = False, autocast=contextlib.nullcontext, pad_square: bool = False,
+                      upsample: str = "labels") -> np.ndarray:
+    """`image` C×H×W or C×D×H×W -> int label map H×W or D×H×W at the input's size.
+
+    pad_square: zero-pad each slice to a square before resizing (and crop the prediction back);
+    upsample: 'labels' (argmax at the patch, nearest-neighbour resize) or 'logits' (bilinear, then argmax)."""
     volume = image.ndim == 4
     vol = np.moveaxis(image, 1 + slice_axis, 1) if volume else image[:, None]
     c, d, h, w = vol.shape
+    box = (0, 0, h, w)
+    if pad_square:
+        vol, box = pad_to_square(vol)
+    full = vol.shape[-2:]
     batch = np.stack([resize2d(vol[:, k], patch, image_order) for k in range(d)]).astype(np.float32)
     labels = np.empty((d, h, w), np.int64)
     with eval_mode(model):
@@ -42,9 +52,13 @@ def predict_slicewise(model: nn.Module, image: np.ndarray, patch: tuple[int, int
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 logits = model(x).logits
-            pred = logits.float().argmax(1).cpu().numpy()
+            if upsample == "logits":
+                pred = F.interpolate(logits.float(), size=full, mode="bilinear", align_corners=False).argmax(1)
+                pred = crop_box(pred.cpu().numpy(), box)
+            else:
+                pred = [crop_box(resize2d(p, full, 0), box) for p in logits.float().argmax(1).cpu().numpy()]
             for i, p in enumerate(pred):
-                labels[s + i] = resize2d(p, (h, w), 0)
+                labels[s + i] = p
     return np.moveaxis(labels, 0, slice_axis) if volume else labels[0]
 
 
@@ -71,4 +85,4 @@ def predict_case(model: nn.Module, image: np.ndarray, cfg, device: torch.device,
                               device=device, autocast=autocast)
     return predict_slicewise(model, image, patch, image_order=cfg.data.image_order, slice_axis=cfg.data.slice_axis,
                              batch_size=cfg.eval.batch_size, device=device, channels_last=precision.channels_last,
-                             autocast=autocast)
+                             autocast=autocast, pad_square=cfg.data.pad_square, upsample=cfg.eval.upsample)
