@@ -31,6 +31,30 @@ def small_config(method: str = "supervised", iterations: int = 10, *extra: str):
     return load_config("phantom", small_overrides(method, iterations, *extra))
 
 
+TINY_UNET = dict(widths=(4, 8, 16, 32, 64))
+
+
+def tiny_method(cls, total=300, num_classes=4, spatial_dims=2, make_model=None, seed=0, **cfg):
+    """A method built directly (no engine) on tiny UNet-2D networks, for behaviour tests; returns (method, ctx)."""
+    from ssmis.methods.base import BuildContext
+    from ssmis.models.unet import UNet2D
+
+    torch.manual_seed(seed)
+    make_model = make_model or (lambda: UNet2D(1, num_classes, **TINY_UNET))
+    ctx = BuildContext(make_model, torch.device("cpu"), total, num_classes, spatial_dims)
+    return cls(cls.Config(**cfg), ctx), ctx
+
+
+def random_batches(nl=2, nu=2, size=16, classes=4, seed=0):
+    """A labelled and an unlabelled Batch of random 2D images (labels uniform over the classes)."""
+    from ssmis.methods.base import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    lb = Batch(torch.rand(nl, 1, size, size, generator=g), torch.randint(0, classes, (nl, size, size), generator=g))
+    ub = Batch(torch.rand(nu, 1, size, size, generator=g))
+    return lb, ub
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Every test runs on one thread (2 shared cores, no oversubscription); global state restored afterwards."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import random_batches, tiny_method
 from ssmis.config import load_config
 from ssmis.data.mixing import bidirectional_mix, box_mask
 from ssmis.engine.checkpoint import load_checkpoint
@@ -20,27 +21,17 @@ from ssmis.engine.run import setup, train
 from ssmis.errors import UserError
 from ssmis.losses.seg import dice_loss
 from ssmis.methods.abd import ABD, cross_dice, cutout, strong_view
-from ssmis.methods.base import Batch, BuildContext
+from ssmis.methods.base import Batch
 from ssmis.methods.bcp import BCP, largest_component_per_class, mix_loss, mixed_step
 from ssmis.models.output import SegOutput
-from ssmis.models.unet import UNet2D
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(widths=(4, 8, 16, 32, 64))
-
-
-
 def make_method(cls, total=40, **cfg):
-    torch.manual_seed(0)
-    ctx = BuildContext(lambda: UNet2D(1, 4, **TINY), torch.device("cpu"), total, 4, 2)
-    return cls(cls.Config(**cfg), ctx), ctx
+    return tiny_method(cls, total=total, **cfg)
 
 
 def batches(n=4, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lb = Batch(torch.rand(n, 1, size, size, generator=g), torch.randint(0, 4, (n, size, size), generator=g))
-    ub = Batch(torch.rand(n, 1, size, size, generator=g))
-    return lb, ub
+    return random_batches(n, n, size, 4, seed)
 
 
 def states_equal(a: nn.Module, b: nn.Module) -> bool:

@@ -10,31 +10,20 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import small_config
+from conftest import TINY_UNET, random_batches, small_config, tiny_method
 from ssmis.errors import UserError
 from ssmis.losses.seg import ce_dice_loss
-from ssmis.methods.base import Batch, BuildContext
+from ssmis.methods.base import Batch
 from ssmis.methods.cps import CPS, cross_pseudo_loss, reinit
 from ssmis.methods.mean_teacher import MeanTeacher, consistency_weight
 from ssmis.models.output import SegOutput
 from ssmis.models.unet import UNet2D
 
-TINY = dict(widths=(4, 8, 16, 32, 64))
+def make_cps(**kw):
+    return tiny_method(CPS, **kw)
 
 
-
-def make_cps(total=300, num_classes=4, spatial_dims=2, make_model=None, seed=0, **cfg):
-    torch.manual_seed(seed)
-    make_model = make_model or (lambda: UNet2D(1, num_classes, **TINY))
-    ctx = BuildContext(make_model, torch.device("cpu"), total, num_classes, spatial_dims)
-    return CPS(CPS.Config(**cfg), ctx), ctx
-
-
-def batches(nl=2, nu=2, size=16, classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lb = Batch(torch.rand(nl, 1, size, size, generator=g), torch.randint(0, classes, (nl, size, size), generator=g))
-    ub = Batch(torch.rand(nu, 1, size, size, generator=g))
-    return lb, ub
+batches = random_batches
 
 
 class FixedLogits(nn.Module):
@@ -204,7 +193,7 @@ def test_two_networks_differ_at_init_and_both_train():
 def test_identical_factory_outputs_are_refused():
     def reseeding():
         torch.manual_seed(0)
-        return UNet2D(1, 4, **TINY)
+        return UNet2D(1, 4, **TINY_UNET)
 
     with pytest.raises(RuntimeError, match="two identical networks"):
         make_cps(make_model=reseeding)

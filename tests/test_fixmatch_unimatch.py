@@ -10,32 +10,25 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TINY_UNET, random_batches, tiny_method
 from ssmis.data import strong
 from ssmis.losses import pseudo
 from ssmis.losses.seg import dice_loss
 from ssmis.methods import fixmatch, unimatch
-from ssmis.methods.base import Batch, BuildContext
 from ssmis.methods.fixmatch import FixMatch
 from ssmis.methods.unimatch import UniMatch, perturbed_forward
 from ssmis.models.output import SegOutput
 from ssmis.models.unet import UNet2D
 
-TINY = dict(widths=(4, 8, 16, 32, 64))
 
 
 
 def make_method(cls, make_model=None, num_classes=4, **cfg):
-    torch.manual_seed(0)
-    make_model = make_model or (lambda: UNet2D(1, num_classes, **TINY))
-    ctx = BuildContext(make_model, torch.device("cpu"), 300, num_classes, 2)
-    return cls(cls.Config(**cfg), ctx), ctx
+    return tiny_method(cls, make_model=make_model, num_classes=num_classes, **cfg)
 
 
 def batches(nl=2, nu=4, size=16, classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lb = Batch(torch.rand(nl, 1, size, size, generator=g), torch.randint(0, classes, (nl, size, size), generator=g))
-    ub = Batch(torch.rand(nu, 1, size, size, generator=g))
-    return lb, ub
+    return random_batches(nl, nu, size, classes, seed)
 
 
 class Spy:
@@ -188,7 +181,7 @@ def test_unimatch_loss_combination(monkeypatch):
 
 def test_unimatch_feature_perturbation_p0_is_identity():
     torch.manual_seed(0)
-    net = UNet2D(1, 4, **TINY).train()
+    net = UNet2D(1, 4, **TINY_UNET).train()
     clean, perturbed = perturbed_forward(net, torch.rand(3, 1, 16, 16), 0.0)
     assert torch.equal(clean, perturbed)
 
@@ -197,7 +190,7 @@ def test_unimatch_feature_perturbation_drops_whole_channels():
     """Hooks on the 5 encoder outputs (clean) and on the decoder inputs: the perturbed half has ≈ 50 % of
     its channels zeroed in each of the 5 tensors, the others scaled by 2; the clean half is untouched."""
     torch.manual_seed(0)
-    net = UNet2D(1, 4, **TINY).train()
+    net = UNet2D(1, 4, **TINY_UNET).train()
     enc, dec = {}, {}
     for i, block in enumerate(net.enc):
         block.register_forward_hook(lambda mod, inp, out, i=i: enc.__setitem__(i, out.detach()))

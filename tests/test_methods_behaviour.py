@@ -9,31 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import small_config
+from conftest import random_batches, small_config, tiny_method
 from ssmis.engine.ema import EMA
 from ssmis.losses.seg import ce_dice_loss
 from ssmis.methods import ua_mt
-from ssmis.methods.base import Batch, BuildContext, teacher_noise
+from ssmis.methods.base import Batch, teacher_noise
 from ssmis.methods.mean_teacher import MeanTeacher, consistency_weight
 from ssmis.methods.ua_mt import UAMT, masked_consistency, threshold, uncertainty
 from ssmis.models.output import SegOutput
 from ssmis.models.unet import UNet2D
 
-TINY = dict(widths=(4, 8, 16, 32, 64))
-
-
-def make_method(cls, total=300, num_classes=4, spatial_dims=2, make_model=None, **cfg):
-    torch.manual_seed(0)
-    make_model = make_model or (lambda: UNet2D(1, num_classes, **TINY))
-    ctx = BuildContext(make_model, torch.device("cpu"), total, num_classes, spatial_dims)
-    return cls(cls.Config(**cfg), ctx), ctx
-
-
-def batches(nl=2, nu=2, size=16, classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lb = Batch(torch.rand(nl, 1, size, size, generator=g), torch.randint(0, classes, (nl, size, size), generator=g))
-    ub = Batch(torch.rand(nu, 1, size, size, generator=g))
-    return lb, ub
+make_method = tiny_method
+batches = random_batches
 
 
 # ---- Mean Teacher 1: EMA ---------------------------------------------------------------------------
