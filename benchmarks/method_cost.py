@@ -1,8 +1,11 @@
 """Cost per iteration of every registered method relative to Mean Teacher, in one run on one machine:
-ACDC-lite setting (128x128, 4 labelled + 4 unlabelled), the engine's whole iteration without validation.
+by default the ACDC-lite setting (128x128, 4 labelled + 4 unlabelled), the engine's whole iteration without
+validation; --config picks another setting (e.g. configs/acdc3d.yaml for 3D patches).
 
-Usage: python benchmarks/method_cost.py [--data ../shared/data/ACDC] [--iters 30] [--warmup 5] [--record]
-Multi-stage methods are timed in their last (most expensive) stage.
+Usage: python benchmarks/method_cost.py [--config configs/acdc_lite.yaml] [--data ../shared/data/ACDC]
+           [--iters 30] [--warmup 5] [--methods ...] [--record]
+Multi-stage methods are timed in their last (most expensive) stage. images/s counts the training images (or 3D
+patches) a step draws: labelled + unlabelled, labelled only for methods that use no unlabelled data.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-def seconds_per_iteration(method: str, data: str, iters: int, warmup: int) -> tuple[float, str]:
+def seconds_per_iteration(method: str, data: str, iters: int, warmup: int, config: str = "configs/acdc_lite.yaml"
+                          ) -> tuple[float, str, int]:
     total = 1000
-    cfg = load_config(ROOT / "configs" / "acdc_lite.yaml",
-                      [f"data.root={data}", f"method.name={method}", f"train.iterations={total}",
-                       "train.eval_every=0", "train.ckpt_every=100000"])
+    cfg = load_config(ROOT / config, [f"data.root={data}", f"method.name={method}", f"train.iterations={total}",
+                                      "train.eval_every=0", "train.ckpt_every=100000"])
     trainer = setup(cfg, None, log=lambda m: None)
     trainer.val_cases = []
     start = max(trainer.stage_bounds().values())          # time the last stage
@@ -36,11 +39,13 @@ def seconds_per_iteration(method: str, data: str, iters: int, warmup: int) -> tu
     trainer.fit(progress=False, stop_after=start + warmup)
     t0 = time.perf_counter()
     trainer.fit(progress=False, stop_after=start + warmup + iters)
-    return (time.perf_counter() - t0) / iters, trainer.precision.label
+    images = cfg.train.labeled_bs + (cfg.train.unlabeled_bs if METHODS.get(method).uses_unlabeled else 0)
+    return (time.perf_counter() - t0) / iters, trainer.precision.label, images
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/acdc_lite.yaml", help="run config, relative to the repository")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ACDC"))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -52,20 +57,24 @@ def main() -> None:
     methods = a.methods or METHODS.list()
     if "mean_teacher" not in methods:
         methods = ["mean_teacher", *methods]
-    times, precision = {}, ""
+    times, images, precision = {}, {}, ""
     for m in methods:
-        times[m], precision = seconds_per_iteration(m, a.data, a.iters, a.warmup)
+        times[m], precision, images[m] = seconds_per_iteration(m, a.data, a.iters, a.warmup, a.config)
         print(f"{m:14s} {times[m]:.3f} s/it", flush=True)
     ref = times["mean_teacher"]
-    rows = [f"| {m} | {t:.3f} | {t / ref:.2f} |" for m, t in times.items()]
+    rows = [f"| {m} | {t:.3f} | {images[m] / t:.2f} | {t / ref:.2f} |" for m, t in times.items()]
+    cfg = load_config(ROOT / a.config)
+    setting = (f"{a.config}: patch {'x'.join(map(str, cfg.data.patch_size))}, {cfg.model.name}, "
+               f"{cfg.train.labeled_bs} + {cfg.train.unlabeled_bs}")
     text = "\n".join([
-        "", "## Cost per iteration relative to Mean Teacher (ACDC-lite: 128x128, 4 + 4)", "",
-        f"- Command: `python benchmarks/method_cost.py --iters {a.iters} --warmup {a.warmup} --threads {a.threads}`",
+        "", f"## Cost per iteration relative to Mean Teacher ({setting})", "",
+        f"- Command: `python benchmarks/method_cost.py --config {a.config} --iters {a.iters} --warmup {a.warmup} "
+        f"--threads {a.threads}" + (f" --methods {' '.join(a.methods)}" if a.methods else "") + "`",
         f"- Date: {datetime.date.today()}; CPU: {cpu_model()}, {a.threads} threads; torch {torch.__version__}; "
         f"precision {precision}",
         "- The engine's whole iteration (sampling, augmentation, forward/backward, teacher updates), no validation; "
         "multi-stage methods timed in their last stage.", "",
-        "| method | s/it | relative to Mean Teacher |", "|---|---|---|", *rows, ""])
+        "| method | s/it | images/s | relative to Mean Teacher |", "|---|---|---|---|", *rows, ""])
     print(text)
     if a.record:
         record(text)
