@@ -141,6 +141,29 @@ def test_eval_last_checkpoint_of_the_run(cli_run, capsys):
     assert again["mean"] == written_by_train["mean"]
 
 
+def test_best_and_last_holding_the_same_weights_are_predicted_once(cli_run, tmp_path, monkeypatch):
+    import shutil
+
+    from ssmis.eval.run_eval import evaluate_checkpoints
+    from ssmis.predict import Model
+
+    out, rc, _ = cli_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("eval"))
+    calls = []
+    real = Model.predict
+    monkeypatch.setattr(Model, "predict", lambda self, image: calls.append(self.state_step) or real(self, image))
+    res = evaluate_checkpoints(run, "test", ("best", "last"), quiet=True)
+    steps = {res[ck]["conventions"]["step"] for ck in res}
+    assert len(calls) == 2 * len(steps)                       # 2 test cases per distinct checkpoint
+    shutil.copyfile(run / "checkpoints" / "last.pt", run / "checkpoints" / "best.pt")
+    calls.clear()
+    res = evaluate_checkpoints(run, "test", ("best", "last"), quiet=True)
+    assert calls == [6, 6]                                    # predicted once, for both reports
+    assert res["best"]["mean"] == res["last"]["mean"]
+    assert json.loads((run / "eval" / "test-last" / "summary.json").read_text())["conventions"]["selection"] == "last step"
+
+
 def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["eval", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -252,7 +252,7 @@ def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: int |
     from ssmis.config import load_config
     from ssmis.engine.checkpoint import load_checkpoint
     from ssmis.engine.run import train
-    from ssmis.eval.run_eval import evaluate_run
+    from ssmis.eval.run_eval import evaluate_checkpoints
 
     d = Path(run_dir)
     try:
@@ -263,15 +263,13 @@ def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: int |
         if state == "finished":
             return {"cell": d.name, "action": "skipped"}
         if state == "trained":
-            for ck in ("best", "last"):
-                evaluate_run(d, split="test", checkpoint=ck, quiet=True)
+            evaluate_checkpoints(d, "test", ("best", "last"), quiet=True)
             return {"cell": d.name, "action": "evaluated"}
         start = int(load_checkpoint(d / "checkpoints" / "last.pt")["step"]) if state == "interrupted" else 0
         _reset_peak_memory()
         result = train(cfg, out=d, resume=state == "interrupted", overwrite=state == "started", progress=progress,
                        test_at_end=False)
-        for ck in ("best", "last"):
-            evaluate_run(d, split="test", checkpoint=ck, quiet=True)
+        evaluate_checkpoints(d, "test", ("best", "last"), quiet=True)
         steps = int(result["step"]) - start
         record = {"cell": d.name, "iterations": int(result["step"]), "resumed_from": start or None,
                   "steps_this_session": steps, "train_seconds": round(float(result["seconds"]), 2),

@@ -198,10 +198,10 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, o
 
         plot_curves(run_dir / "metrics.csv", run_dir / "plots" / "curves.png")
         if test_at_end and cfg.eval.split:
-            from ssmis.eval.run_eval import evaluate_run
+            from ssmis.eval.run_eval import evaluate_checkpoints
 
-            for ck in ("best", "last"):
-                result[f"test_{ck}"] = evaluate_run(run_dir, split="test", checkpoint=ck, quiet=not progress)
+            for ck, summary in evaluate_checkpoints(run_dir, "test", ("best", "last"), quiet=not progress).items():
+                result[f"test_{ck}"] = summary
     return result
 
 

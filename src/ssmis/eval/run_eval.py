@@ -28,9 +28,21 @@ def load_run(run_dir: Path):
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", quiet: bool = False) -> dict:
+    """Score one checkpoint of a run on its `split`; writes eval/<split>-<checkpoint>/ and returns the summary."""
+    return evaluate_checkpoints(run_dir, split, (checkpoint,), quiet)[checkpoint]
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].equal(sb[k]) for k in sa)
+
+
+def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=("best", "last"),
+                         quiet: bool = False) -> dict[str, dict]:
+    """Score several checkpoints of a run; a checkpoint holding the same weights as one already scored (best
+    validation at the last step) reuses its predictions instead of predicting every case again."""
     run_dir = Path(run_dir)
     cfg, splits = load_run(run_dir)
-    model = load_trained_model(run_dir, checkpoint, device="cpu" if cfg.train.device == "cpu" else "auto")
     adapter = make_adapter(cfg.data.layout, cfg.data.root, cfg.data)
     info = adapter.info()
     by_id = {it.id: it for it in adapter.items("train") + adapter.items("eval")}
@@ -38,26 +50,33 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     if not ids:
         raise UserError(f"{run_dir}/splits.json", f"the {split} split is empty", "Choose another --split.")
     num_classes = cfg.data.num_classes or info.num_classes
-    rows = []
-    for cid in tqdm(ids, desc=f"eval {split}", disable=quiet, file=sys.stderr):
-        it = by_id[cid]
-        s = adapter.load(it)
-        pred = model.predict(s["image"])
-        for r in case_metrics(pred, s["label"], range(1, num_classes), s.get("spacing"), cfg.eval.hd95,
-                              cfg.eval.empty_both, cfg.eval.empty_one):
-            rows.append({"case": cid, "patient": it.patient, **r})
-    conventions = {"split": split, "checkpoint": checkpoint, "step": model.state_step,
-                   "selection": "best validation Dice" if checkpoint == "best" else "last step",
-                   "hd95": cfg.eval.hd95, "empty_both": cfg.eval.empty_both, "empty_one": cfg.eval.empty_one,
-                   "inference": (f"slice-wise at {cfg.data.patch_size}, image order {cfg.data.image_order}, "
-                                 "labels resized back with order 0") if len(cfg.data.patch_size) == 2 else
-                                (f"sliding window {cfg.data.patch_size}, overlap {cfg.eval.overlap}, Gaussian weights"),
-                   "precision": model.precision.label,
-                   "units": "vox and mm" if info.spacing_known else "vox (dataset has no spacing)"}
-    summary = write_report(rows, run_dir / "eval" / f"{split}-{checkpoint}", conventions)
-    if not quiet:
-        names = dict(enumerate(info.class_names)) if info.class_names else None
-        print(f"{run_dir} ({checkpoint} checkpoint, step {model.state_step}, {split}: {len(ids)} cases)")
-        print(format_table(summary, names))
-    return summary
-
+    scored: list[tuple[object, list[dict]]] = []        # (model, rows) of the checkpoints predicted so far
+    out = {}
+    for checkpoint in checkpoints:
+        model = load_trained_model(run_dir, checkpoint, device="cpu" if cfg.train.device == "cpu" else "auto")
+        rows = next((r for m, r in scored if m.state_step == model.state_step and _same_weights(m, model)), None)
+        if rows is None:
+            rows = []
+            for cid in tqdm(ids, desc=f"eval {split} ({checkpoint})", disable=quiet, file=sys.stderr):
+                it = by_id[cid]
+                s = adapter.load(it)
+                pred = model.predict(s["image"])
+                for r in case_metrics(pred, s["label"], range(1, num_classes), s.get("spacing"), cfg.eval.hd95,
+                                      cfg.eval.empty_both, cfg.eval.empty_one):
+                    rows.append({"case": cid, "patient": it.patient, **r})
+            scored.append((model, rows))
+        conventions = {"split": split, "checkpoint": checkpoint, "step": model.state_step,
+                       "selection": "best validation Dice" if checkpoint == "best" else "last step",
+                       "hd95": cfg.eval.hd95, "empty_both": cfg.eval.empty_both, "empty_one": cfg.eval.empty_one,
+                       "inference": (f"slice-wise at {cfg.data.patch_size}, image order {cfg.data.image_order}, "
+                                     "labels resized back with order 0") if len(cfg.data.patch_size) == 2 else
+                                    (f"sliding window {cfg.data.patch_size}, overlap {cfg.eval.overlap}, Gaussian weights"),
+                       "precision": model.precision.label,
+                       "units": "vox and mm" if info.spacing_known else "vox (dataset has no spacing)"}
+        summary = write_report(rows, run_dir / "eval" / f"{split}-{checkpoint}", conventions)
+        if not quiet:
+            names = dict(enumerate(info.class_names)) if info.class_names else None
+            print(f"{run_dir} ({checkpoint} checkpoint, step {model.state_step}, {split}: {len(ids)} cases)")
+            print(format_table(summary, names))
+        out[checkpoint] = summary
+    return out
