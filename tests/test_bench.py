@@ -74,8 +74,13 @@ def test_suite_runs_every_cell_and_writes_the_report(suite):
                  "**Machine**", "Fair by construction", "32×32", "20 optimiser steps"):
         assert word in md, word
     assert "`supervised-s0`, `mean_teacher-s0` share split" in md
-    table = [line for line in md.splitlines() if line.startswith("| ")]
+    lines = md.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    table = [line for line in lines[first:] if line.startswith("| ")][: 1 + len(METHODS)]
     assert table[0].startswith("| method | labelled | seeds | Dice RV | Dice Myo | Dice LV |")
+    curves = lines[lines.index("### Validation Dice by step"):]
+    assert next(line for line in curves if line.startswith("| cell |")) == "| cell | 10 | 20 |"
+    assert sum(line.startswith(f"| {n} | ") for line in curves for n in names) == len(names)
     body = {line.split(" | ")[0][2:]: line for line in table[1:]}
     assert set(body) == set(METHODS) and all("| 2 (0, 1) |" in line for line in body.values())
     # the mean over seeds in the table is the mean of the two runs' test Dice (best-val checkpoint)

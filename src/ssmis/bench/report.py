@@ -274,6 +274,27 @@ def _protocol(results: Sequence[RunResult], names: dict[str, str], unit: str, fa
     ]
 
 
+def val_curve(metrics_csv: Path) -> dict[int, float]:
+    """Validation Dice per step from a run's metrics.csv."""
+    with open(metrics_csv, newline="") as f:
+        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f)
+                if r["split"] == "val" and r["name"] == "dice"}
+
+
+def val_curves_table(runs: dict[str, Path]) -> list[str]:
+    """Markdown table of validation Dice by step, one row per run (name -> metrics.csv); best of a row in bold."""
+    curves = {name: val_curve(p) for name, p in runs.items() if Path(p).is_file()}
+    steps = sorted({s for c in curves.values() for s in c})
+    if not steps:
+        return []
+    lines = ["| cell | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
+    for name, c in curves.items():
+        best = max(c.values(), default=None)
+        vals = [("**{:.3f}**" if c[s] == best else "{:.3f}").format(c[s]) if s in c else "" for s in steps]
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    return lines
+
+
 def results_md(suite: Suite, suite_path: Path, cells: Sequence[Cell], results: Sequence[RunResult],
                names: dict[str, str], fair: list, plots: dict[str, Path], shown: list[str]) -> str:
     unit = _unit(results)
@@ -297,6 +318,10 @@ def results_md(suite: Suite, suite_path: Path, cells: Sequence[Cell], results: S
             if key == "qualitative" and shown:
                 lines += ["Slices: " + ", ".join(shown) + ". Columns: image, reference, each method's prediction "
                           "(Dice of the slice in the title).", ""]
+    table = val_curves_table({r.cell.name: r.cell.dir / "metrics.csv" for r in results})
+    if table:
+        lines += ["### Validation Dice by step", "", "Mean foreground Dice on the val split at each validation "
+                  "(the best of each run in bold; the best-val checkpoint is the one tested above).", "", *table, ""]
     unfinished = [c.name for c in cells if c.state != "finished"]
     lines += ["## Cells", "", "Each cell is an ordinary run directory (config.yaml, splits.json, metrics.csv, checkpoints, "
               "eval/) in the suite folder; `results.csv` has one row per run, checkpoint and class.", ""]
