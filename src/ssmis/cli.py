@@ -22,7 +22,7 @@ def _eval(a) -> int:
             raise UserError("ssmis eval", "--run cannot be combined with --pred/--ref", "Use one form.")
         from ssmis.eval.run_eval import evaluate_run
 
-        evaluate_run(a.run, split=a.split, checkpoint=a.checkpoint)
+        evaluate_run(a.run, split=a.split, checkpoint=a.checkpoint, largest_component=a.largest_component)
         return 0
     if not (a.pred and a.ref):
         raise UserError("ssmis eval", "give --run RUN_DIR, or both --pred DIR and --ref DIR", "See `ssmis eval --help`.")
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", help="run directory: score its checkpoint on a split")
     e.add_argument("--split", default="test", choices=["val", "test"], help="split for --run (default test)")
     e.add_argument("--checkpoint", default="best", choices=["best", "last"], help="checkpoint for --run")
+    e.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                   help="--run: keep only the largest connected component per class (default: the run's "
+                        "eval.largest_component); a report that differs from the run's goes to <split>-<ckpt>-lcc/-raw")
     e.add_argument("--pred", help="folder of predicted masks (NIfTI, PNG or HDF5)")
     e.add_argument("--ref", help="folder of reference masks, matched to --pred by case name")
     e.add_argument("--classes", type=int, nargs="+", help="foreground classes to score (default: all found)")

@@ -63,7 +63,12 @@ class Model:
 
         if len(self.cfg.data.patch_size) == 3 and image.ndim != 4:
             raise ValueError(f"a 3D model needs a volume, got an image of shape {image.shape}")
-        return predict_case(self.net, image, self.cfg, self.device, self.precision)
+        labels = predict_case(self.net, image, self.cfg, self.device, self.precision)
+        if self.cfg.eval.largest_component:
+            from ssmis.eval.postprocess import largest_component_per_class
+
+            labels = largest_component_per_class(labels, self.num_classes)
+        return labels
 
 
 def load_trained_model(source: str | Path, checkpoint: str = "best", device: str = "auto") -> Model:

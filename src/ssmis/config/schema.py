@@ -101,6 +101,8 @@ class EvalConfig(Section):
     empty_one: Literal["worst", "nan"] = Field("worst", description="Exactly one mask empty: worst (Dice 0, distances = diagonal) or nan.")
     batch_size: int = Field(16, ge=1, description="Slices (2D) or windows (3D) per forward at inference.")
     overlap: float = Field(0.5, ge=0, lt=1, description="3D sliding-window overlap between neighbouring windows.")
+    largest_component: bool = Field(False, description="Test and predict: keep only the largest connected component "
+                                     "of each class in every case (BCP's LA test, --nms 1); validation is unaffected.")
     upsample: Literal["labels", "logits"] = Field("labels", description="2D: how predictions return to the input size: "
                                                   "nearest-neighbour resize of the label map (ACDC protocol) or bilinear "
                                                   "resize of the logits, then argmax (HC18-lite).")

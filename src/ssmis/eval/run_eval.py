@@ -27,9 +27,12 @@ def load_run(run_dir: Path):
     return load_config(None, data=raw), Splits.read(run_dir / "splits.json")
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", quiet: bool = False) -> dict:
-    """Score one checkpoint of a run on its `split`; writes eval/<split>-<checkpoint>/ and returns the summary."""
-    return evaluate_checkpoints(run_dir, split, (checkpoint,), quiet)[checkpoint]
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", quiet: bool = False,
+                 largest_component: bool | None = None) -> dict:
+    """Score one checkpoint of a run on its `split`; writes eval/<split>-<checkpoint>/ and returns the summary.
+    `largest_component` overrides the run's eval.largest_component; the report then goes to a folder
+    ending in -lcc (on) or -raw (off), so the run's own report is never replaced."""
+    return evaluate_checkpoints(run_dir, split, (checkpoint,), quiet, largest_component)[checkpoint]
 
 
 def _same_weights(a, b) -> bool:
@@ -38,7 +41,7 @@ def _same_weights(a, b) -> bool:
 
 
 def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=("best", "last"),
-                         quiet: bool = False) -> dict[str, dict]:
+                         quiet: bool = False, largest_component: bool | None = None) -> dict[str, dict]:
     """Score several checkpoints of a run; a checkpoint holding the same weights as one already scored (best
     validation at the last step) reuses its predictions instead of predicting every case again."""
     run_dir = Path(run_dir)
@@ -50,10 +53,15 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=(
     if not ids:
         raise UserError(f"{run_dir}/splits.json", f"the {split} split is empty", "Choose another --split.")
     num_classes = cfg.data.num_classes or info.num_classes
+    suffix = ""
+    if largest_component is not None and largest_component != cfg.eval.largest_component:
+        suffix = "-lcc" if largest_component else "-raw"
+    lcc = cfg.eval.largest_component if largest_component is None else largest_component
     scored: list[tuple[object, list[dict]]] = []        # (model, rows) of the checkpoints predicted so far
     out = {}
     for checkpoint in checkpoints:
         model = load_trained_model(run_dir, checkpoint, device="cpu" if cfg.train.device == "cpu" else "auto")
+        model.cfg.eval.largest_component = lcc
         rows = next((r for m, r in scored if m.state_step == model.state_step and _same_weights(m, model)), None)
         if rows is None:
             rows = []
@@ -71,9 +79,10 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=(
                        "inference": (f"slice-wise at {cfg.data.patch_size}, image order {cfg.data.image_order}, "
                                      "labels resized back with order 0") if len(cfg.data.patch_size) == 2 else
                                     (f"sliding window {cfg.data.patch_size}, overlap {cfg.eval.overlap}, Gaussian weights"),
+                       "postprocess": "largest connected component per class" if lcc else "none",
                        "precision": model.precision.label,
                        "units": "vox and mm" if info.spacing_known else "vox (dataset has no spacing)"}
-        summary = write_report(rows, run_dir / "eval" / f"{split}-{checkpoint}", conventions)
+        summary = write_report(rows, run_dir / "eval" / f"{split}-{checkpoint}{suffix}", conventions)
         if not quiet:
             names = dict(enumerate(info.class_names)) if info.class_names else None
             print(f"{run_dir} ({checkpoint} checkpoint, step {model.state_step}, {split}: {len(ids)} cases)")
