@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from scipy import ndimage
 from torch import Tensor, nn
 
 from ssmis.data.mixing import bidirectional_mix, box_mask, mix
 from ssmis.engine.ema import EMA
+from ssmis.eval.postprocess import largest_component_per_class as largest_component
 from ssmis.errors import UserError
 from ssmis.losses import dice_loss
 from ssmis.methods.base import Batch, Method, MethodConfig, StepOutput
@@ -59,15 +59,7 @@ def largest_component_per_class(labels: Tensor, num_classes: int) -> Tensor:
     8 in 2D as skimage's default, 26 in 3D); removed pixels become background, an absent class stays absent.
     labels: B×spatial integer map; each sample is processed on its own (ACDC: per slice)."""
     arr = labels.detach().cpu().numpy()
-    out = np.zeros_like(arr)
-    structure = np.ones((3,) * (arr.ndim - 1), dtype=bool)
-    for i in range(arr.shape[0]):
-        for c in range(1, num_classes):
-            comp, n = ndimage.label(arr[i] == c, structure=structure)
-            if n == 0:
-                continue
-            largest = 1 + int(np.argmax(np.bincount(comp.ravel())[1:]))   # ties: first in raster order
-            out[i][comp == largest] = c
+    out = np.stack([largest_component(a, num_classes) for a in arr])     # ties: first in raster order
     return torch.from_numpy(out).to(labels.device)
 
 
