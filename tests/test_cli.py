@@ -205,3 +205,36 @@ def test_demo_end_to_end(monkeypatch, tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--iterations", "10", "--out", str(out)]) == 2
     assert "demo folder already exists" in capsys.readouterr().err
+
+
+def test_list_models_layouts_and_methods_by_pattern(capsys):
+    assert main(["list", "models"]) == 0
+    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"unet2d", "unet3d", "vnet"}
+    assert main(["list", "layouts", "*h5"]) == 0
+    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"la_h5", "ssl4mis_h5"}
+    assert main(["list", "methods", "mean_*"]) == 0
+    assert capsys.readouterr().out.split()[0] == "mean_teacher"
+
+
+def test_config_validate_checks_the_method_section(capsys):
+    assert main(["config", "validate", "phantom", "--set", "method.name=ua_mt", "method.passes=4"]) == 0
+    assert "valid (method ua_mt" in capsys.readouterr().out
+    assert main(["config", "validate", "phantom", "--set", "method.name=ua_mt", "method.passes=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "method.passes" in err
+
+
+def test_data_split_writes_a_patient_level_split_and_never_overwrites(tmp_path, capsys):
+    from ssmis.data.export import write_phantom
+    from ssmis.data.splits import Splits
+
+    root = write_phantom(tmp_path / "nn", "nnunet", patients=8)
+    out = tmp_path / "splits.json"
+    args = ["data", "split", str(root), "--labeled", "2", "--val", "1", "--test", "2", "--seed", "3", "-o", str(out)]
+    assert main(args) == 0
+    sp = Splits.read(out)
+    assert (len(sp.labeled), len(sp.val), len(sp.test)) == (2, 1, 2)
+    assert not set(sp.labeled) & set(sp.unlabeled) and "split.file=" in capsys.readouterr().out
+    before = out.read_text()
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--seed", "4"]) == 0 and out.read_text() != before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 import traceback
 
@@ -64,6 +65,56 @@ def _methods(a) -> int:
     return 0
 
 
+def _list(a) -> int:
+    if a.what == "methods":
+        from ssmis.methods import describe_methods
+
+        for name, dims, line in describe_methods():
+            if fnmatch.fnmatch(name, a.pattern):
+                print(f"{name:16s} {dims:6s} {line}")
+        return 0
+    import ssmis.data  # noqa: F401  (registers layouts)
+    import ssmis.models  # noqa: F401  (registers models)
+    from ssmis.registry import LAYOUTS, MODELS
+
+    reg = {"models": MODELS, "layouts": LAYOUTS}[a.what]
+    for name in reg.list(a.pattern):
+        doc = (reg.get(name).__doc__ or "").strip().splitlines()
+        print(f"{name:16s} {doc[0] if doc else ''}")
+    return 0
+
+
+def _config_validate(a) -> int:
+    from ssmis.config import load_config
+    from ssmis.methods import method_config
+
+    cfg = load_config(a.config, a.set or [])
+    method_config(cfg.method, a.config)
+    print(f"{a.config}: valid (method {cfg.method['name']}, model {cfg.model.name}, layout {cfg.data.layout})")
+    return 0
+
+
+def _data_split(a) -> int:
+    from pathlib import Path
+
+    from ssmis.config.schema import SplitConfig
+    from ssmis.data.adapter import make_adapter
+    from ssmis.data.splits import make_splits
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        raise UserError(str(out), "already exists", "Pass --overwrite to replace it, or choose another -o.")
+    adapter = make_adapter(a.layout, a.root)
+    cfg = SplitConfig(protocol=a.protocol, labeled=a.labeled, val=a.val, test=a.test, seed=a.seed)
+    splits = make_splits(adapter, cfg)
+    from ssmis.atomic import atomic_write_text
+
+    atomic_write_text(out, splits.to_json())
+    print(f"{out}: {len(splits.labeled)} labelled, {len(splits.unlabeled)} unlabelled, {len(splits.val)} val, "
+          f"{len(splits.test)} test cases (use it with split.file={out})")
+    return 0
+
+
 def _config_show(a) -> int:
     from ssmis.config import dump_config, load_config
 
@@ -89,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layout", default="auto", help="force a layout instead of detecting it")
     c.add_argument("--num-classes", type=int, default=None, help="expected number of classes (incl. background)")
     c.set_defaults(func=_data_check)
+    sp = d.add_parser("split", help="write a patient-level splits.json (labelled / unlabelled / val / test)")
+    sp.add_argument("root", help="dataset folder")
+    sp.add_argument("--layout", default="auto", help="force a layout instead of detecting it")
+    sp.add_argument("--labeled", type=float, required=True, help="labelled patients: a count >= 1 or a fraction < 1")
+    sp.add_argument("--val", type=float, default=0.1, help="val patients, count or fraction (default 0.1)")
+    sp.add_argument("--test", type=float, default=0.2, help="test patients, count or fraction (default 0.2)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the patient permutation (default 0)")
+    sp.add_argument("--protocol", action=argparse.BooleanOptionalAction, default=True,
+                    help="use the dataset's published split where it has one (default on)")
+    sp.add_argument("-o", "--out", required=True, help="splits.json to write")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    sp.set_defaults(func=_data_split)
 
     e = sub.add_parser("eval", help="score a run's checkpoint, or predicted masks against references")
     e.add_argument("--run", help="run directory: score its checkpoint on a split")
@@ -144,14 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto)")
     pr.set_defaults(func=_predict)
 
-    ms = sub.add_parser("methods", help="list the registered methods")
+    ms = sub.add_parser("methods", help="list the registered methods (same as `ssmis list methods`)")
     ms.set_defaults(func=_methods)
+
+    ls = sub.add_parser("list", help="list registered methods, models or data layouts")
+    ls.add_argument("what", choices=["methods", "models", "layouts"])
+    ls.add_argument("pattern", nargs="?", default="*", help="shell pattern on the names (default *)")
+    ls.set_defaults(func=_list)
 
     cf = sub.add_parser("config", help="show a resolved config").add_subparsers(dest="config_command", metavar="ACTION")
     cs = cf.add_parser("show", help="print the resolved config (defaults < file < --set)")
     cs.add_argument("config")
     cs.add_argument("--set", action="extend", nargs="+", type=_key_value, metavar="KEY=VALUE")
     cs.set_defaults(func=_config_show)
+    cv = cf.add_parser("validate", help="check a config (keys, values, the method's own section); exit 2 on errors")
+    cv.add_argument("config")
+    cv.add_argument("--set", action="extend", nargs="+", type=_key_value, metavar="KEY=VALUE")
+    cv.set_defaults(func=_config_validate)
     return p
 
 

@@ -58,8 +58,10 @@ def _frame(m: re.Match) -> dict:
 
 @LAYOUTS.register("ssl4mis_h5")
 class SSL4MISAdapter(Adapter):
-    """ACDC: `data/<volume>_slice_K.h5` listed in `train_slices.list` (training), `data/<volume>.h5` in
-    `val.list` / `test.list` (evaluation). Slice files number from 1 (from 0 if some K is 0); `slice_index` is 0-based.
+    """ACDC as SSL4MIS stores it: training slices `data/<volume>_slice_K.h5`, val/test volumes `data/<volume>.h5`.
+
+    Training slices are listed in `train_slices.list`, evaluation volumes in `val.list` / `test.list`. Slice files
+    number from 1 (from 0 if some K is 0); `slice_index` is 0-based.
     """
 
     name = "ssl4mis_h5"

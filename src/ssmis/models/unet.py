@@ -56,7 +56,7 @@ class PooledUNet(EncoderDecoder):
 
 @MODELS.register("unet2d")
 class UNet2D(PooledUNet):
-    """Encoder of 5 stages (max-pool + ConvBlock), 4 up-blocks, 3×3 output conv. ~1.81 M parameters at C=4."""
+    """SSL4MIS UNet-2D: 5 encoder stages (max-pool + ConvBlock), 4 up-blocks, 3×3 output conv; ~1.81 M parameters at C=4."""
 
     spatial_dims = 2
     supports = frozenset({"features"})
