@@ -207,6 +207,15 @@ def test_demo_end_to_end(monkeypatch, tmp_path, capsys):
     assert "demo folder already exists" in capsys.readouterr().err
 
 
+def test_train_device_flag_is_a_config_override(tmp_path, monkeypatch):
+    import ssmis.engine.run as run
+
+    seen = {}
+    monkeypatch.setattr(run, "train", lambda cfg, **k: seen.setdefault("device", cfg.train.device))
+    assert main(["train", "phantom", "--device", "cpu", "--out", str(tmp_path / "r")]) == 0
+    assert seen["device"] == "cpu"
+
+
 def test_list_models_layouts_and_methods_by_pattern(capsys):
     assert main(["list", "models"]) == 0
     assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"unet2d", "unet3d", "vnet"}

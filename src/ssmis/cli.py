@@ -35,7 +35,8 @@ def _eval(a) -> int:
 def _train(a) -> int:
     from ssmis.engine.run import train_from_cli
 
-    return train_from_cli(a.config, overrides=a.set or [], out=a.out, resume=a.resume, overwrite=a.overwrite)
+    overrides = [*(a.set or []), *([f"train.device={a.device}"] if a.device else [])]
+    return train_from_cli(a.config, overrides=overrides, out=a.out, resume=a.resume, overwrite=a.overwrite)
 
 
 def _demo(a) -> int:
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shortcut for --set train.device=...")
     t.set_defaults(func=_train)
 
     m = sub.add_parser("demo", help="phantom -> labels-only and Mean Teacher -> comparison table and plot")
