@@ -74,7 +74,7 @@ def main() -> None:
         f"precision {precision}",
         "- The engine's whole iteration (sampling, augmentation, forward/backward, teacher updates), no validation; "
         "multi-stage methods timed in their last stage.", "",
-        "| method | s/it | images/s | relative to Mean Teacher |", "|---|---|---|---|", *rows, ""])
+        "| method | s/it | images or patches / s | relative to Mean Teacher |", "|---|---|---|---|", *rows, ""])
     print(text)
     if a.record:
         record(text)
