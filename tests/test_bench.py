@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +200,11 @@ def test_suite_mistakes_are_one_line_errors(tmp_path, capsys):
     bad_key.write_text(yaml.safe_dump(cfg))
     assert main(["bench", str(bad_key), "--dry-run"]) == 2
     assert "also a grid key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite_path", sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_suite_resolves(suite_path, capsys, monkeypatch):
+    monkeypatch.chdir(suite_path.parents[1])                 # suites are run from the repository root
+    assert main(["bench", str(suite_path.relative_to(suite_path.parents[1])), "--dry-run"]) == 0
+    assert " cells in " in capsys.readouterr().out
