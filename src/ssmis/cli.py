@@ -59,11 +59,7 @@ def _predict(a) -> int:
 
 
 def _methods(a) -> int:
-    from ssmis.methods import describe_methods
-
-    for name, dims, line in describe_methods():
-        print(f"{name:16s} {dims:6s} {line}")
-    return 0
+    return _list(argparse.Namespace(what="methods", pattern="*"))
 
 
 def _list(a) -> int:
@@ -87,10 +83,8 @@ def _list(a) -> int:
 
 def _config_validate(a) -> int:
     from ssmis.config import load_config
-    from ssmis.methods import method_config
 
-    cfg = load_config(a.config, a.set or [])
-    method_config(cfg.method, a.config)
+    cfg = load_config(a.config, a.set or [])         # validates the method section against its own Config too
     print(f"{a.config}: valid (method {cfg.method['name']}, model {cfg.model.name}, layout {cfg.data.layout})")
     return 0
 
@@ -98,6 +92,7 @@ def _config_validate(a) -> int:
 def _data_split(a) -> int:
     from pathlib import Path
 
+    from ssmis.atomic import atomic_write_text
     from ssmis.config.schema import SplitConfig
     from ssmis.data.adapter import make_adapter
     from ssmis.data.splits import make_splits
@@ -108,8 +103,6 @@ def _data_split(a) -> int:
     adapter = make_adapter(a.layout, a.root)
     cfg = SplitConfig(protocol=a.protocol, labeled=a.labeled, val=a.val, test=a.test, seed=a.seed)
     splits = make_splits(adapter, cfg)
-    from ssmis.atomic import atomic_write_text
-
     atomic_write_text(out, splits.to_json())
     print(f"{out}: {len(splits.labeled)} labelled, {len(splits.unlabeled)} unlabelled, {len(splits.val)} val, "
           f"{len(splits.test)} test cases (use it with split.file={out})")
