@@ -56,6 +56,7 @@ def test_suite_runs_every_cell_and_writes_the_report(suite):
         assert (d / "eval" / "test-last" / "summary.json").is_file()
         rec = json.loads((d / "bench_cell.json").read_text())
         assert rec["iterations"] == 20 and rec["s_per_it"] > 0 and rec["machine"]["cores"] >= 1
+        assert 0 < rec["median_step_s"] <= rec["s_per_it"] * 1.5     # a median step, validation excluded
     # cells of one seed differ only in the method: same split, seed and steps
     cfg = {n: yaml.safe_load((out / n / "config.yaml").read_text()) for n in names}
     assert cfg["mean_teacher-s1"]["seed"] == 1 and cfg["mean_teacher-s1"]["method"]["name"] == "mean_teacher"

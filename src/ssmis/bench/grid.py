@@ -274,6 +274,8 @@ def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: int |
         record = {"cell": d.name, "iterations": int(result["step"]), "resumed_from": start or None,
                   "steps_this_session": steps, "train_seconds": round(float(result["seconds"]), 2),
                   "s_per_it": round(float(result["seconds"]) / steps, 4) if steps > 0 else None,
+                  "median_step_s": (round(float(result["median_step_seconds"]), 4)
+                                    if result.get("median_step_seconds") is not None else None),
                   **_peak_memory(), "precision": result.get("precision"), "machine": machine_info(),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write_text(d / CELL_RECORD, json.dumps(record, indent=1) + "\n")

@@ -127,7 +127,7 @@ def _class_names(results: Sequence[RunResult]) -> dict[str, str]:
 def results_csv(results: Sequence[RunResult], names: dict[str, str]) -> str:
     grid_keys = list(dict.fromkeys(k for r in results for k in r.cell.values))
     cols = (["cell", "method", "labeled", "seed", *[k for k in grid_keys if k not in ("method.name", "split.labeled", "seed")],
-             "checkpoint", "step", "class", "class_name", *METRICS, "cases", "iterations", "s_per_it", "peak_rss_mib",
+             "checkpoint", "step", "class", "class_name", *METRICS, "cases", "iterations", "s_per_it", "median_step_s", "peak_rss_mib",
              "precision"])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
@@ -137,7 +137,7 @@ def results_csv(results: Sequence[RunResult], names: dict[str, str]) -> str:
         common = {"cell": r.cell.name, "method": r.method, "labeled": f"{r.labeled:g}", "seed": r.cell.cfg.seed,
                   **{k: value_tag(v) for k, v in r.cell.values.items() if k not in ("method.name", "split.labeled", "seed")},
                   "iterations": r.cell.cfg.train.iterations, "s_per_it": rec.get("s_per_it"),
-                  "peak_rss_mib": rec.get("peak_rss_mib"), "precision": r.train.get("precision")}
+                  "median_step_s": rec.get("median_step_s"), "peak_rss_mib": rec.get("peak_rss_mib"), "precision": r.train.get("precision")}
         for ck, summ in (("best", r.best), ("last", r.last)):
             if summ is None:
                 continue
@@ -172,6 +172,7 @@ def _columns(results: Sequence[RunResult], names: dict[str, str], unit: str) -> 
              _Column(f"ASD ({unit})", lambda r: _val(r.best["mean"][f"asd_{unit}"]), 2, "low"),
              _Column("Dice (last)", lambda r: _val(r.last["mean"]["dice"]) if r.last else math.nan, 4, "high"),
              _Column("s/it", lambda r: _val((r.record or {}).get("s_per_it")), 3, None),
+             _Column("step s", lambda r: _val((r.record or {}).get("median_step_s")), 3, None),
              _Column("peak RSS (MiB)", lambda r: _val((r.record or {}).get("peak_rss_mib")), 0, None)]
     return cols
 
@@ -307,7 +308,9 @@ def results_md(suite: Suite, suite_path: Path, cells: Sequence[Cell], results: S
     lines += ["## Test results", "",
               f"Best-validation checkpoint on the test split: mean ± std (ddof 0) over seeds ({', '.join(map(str, n_seeds))}) "
               "of each run's mean over test cases; **Dice** is the mean over the foreground classes. Best per column "
-              "within each labelled count in bold. s/it: training wall time per step including validation; "
+              "within each labelled count in bold. s/it: training wall time per step including validation; step s: median "
+              "time of one training step (data, forward, backward, optimiser, teacher update), which a paused or "
+              "shared CPU does not inflate (empty for cells recorded before ssmis recorded it); "
               "peak RSS: the training process's.", ""]
     lines += _table(results, names, unit)
     lines += [""]

@@ -241,9 +241,11 @@ class Trainer:
         bar = tqdm(total=self.total, initial=self.step, desc="train", disable=not progress, dynamic_ncols=True,
                    mininterval=1.0)
         start_time = time.perf_counter()
+        step_seconds: list[float] = []     # data + forward + backward + optimiser + teacher update, per step
         last_logs: dict = {}
         while self.step < self.total:
             step = self.step
+            step_start = time.perf_counter()
             if step in bounds.values() and step > 0 and stage != self._stage_at(bounds, step):
                 stage = self._enter_stage(bounds, resumed=False)
             lr = self._set_lr(step)
@@ -270,6 +272,7 @@ class Trainer:
                 self.method.after_step(step)
                 last_logs = {"loss": out.loss.detach(), **out.logs}
             self.step = step + 1
+            step_seconds.append(time.perf_counter() - step_start)
             healthy = self.nonfinite == 0         # no logging, validation or checkpoint inside a non-finite streak
             if metrics and healthy and (self.step % t.log_every == 0 or self.step == self.total) and last_logs:
                 metrics.write(self.step, stage, "train", {**last_logs, "lr": lr})
@@ -296,7 +299,8 @@ class Trainer:
             self._save("best")
             self.best_step = self.step
         return {"step": self.step, "best_val_dice": self.best, "best_step": self.best_step,
-                "seconds": time.perf_counter() - start_time}
+                "seconds": time.perf_counter() - start_time,
+                "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None}
 
 
 def _fmt(logs: dict) -> str:
