@@ -2,7 +2,6 @@
 checkpoint, and `torchrun -m ssmis train` works; plus the batch-divisibility error."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,15 +18,17 @@ TINY = ["data.phantom.size=32", "data.patch_size=[32,32]", "data.phantom.patient
         "train.eval_every=4", "train.ckpt_every=4", "method.name=mean_teacher"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _join_group(rank: int, world: int, store: str) -> None:
+    """Set torchrun's environment and join the gloo group through a file store: no TCP port to pick, so no race
+    with other processes for a port chosen free and then closed (torchrun's env:// path: test_torchrun_cli)."""
+    import torch.distributed as tdist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
-def _worker(rank: int, world: int, port: int, out: str, overrides: list[str], stop_after: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _worker(rank: int, world: int, store: str, out: str, overrides: list[str], stop_after: int) -> None:
+    _join_group(rank, world, store)
     import torch.distributed as tdist
 
     from ssmis.engine.run import train
@@ -41,8 +42,8 @@ def _worker(rank: int, world: int, port: int, out: str, overrides: list[str], st
 
 
 def _run_world(tmp_path, world, overrides, stop_after):
-    port = _free_port()
-    mp.start_processes(_worker, args=(world, port, str(tmp_path / "run"), overrides, stop_after), nprocs=world,
+    store = tmp_path / f"store-{len(list(tmp_path.glob('store-*')))}"     # a fresh store per world
+    mp.start_processes(_worker, args=(world, str(store), str(tmp_path / "run"), overrides, stop_after), nprocs=world,
                        start_method="spawn", join=True)
 
 
@@ -67,8 +68,8 @@ def test_two_gloo_processes_agree_and_one_process_resumes(tmp_path, monkeypatch)
 
 @pytest.mark.timeout(240)
 def test_weights_identical_on_both_ranks(tmp_path):
-    port = _free_port()
-    mp.start_processes(_dump_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_dump_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn",
+                       join=True)
     a = torch.load(tmp_path / "rank0.pt")
     b = torch.load(tmp_path / "rank1.pt")
     assert a.keys() == b.keys()
@@ -76,9 +77,8 @@ def test_weights_identical_on_both_ranks(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def _dump_worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _dump_worker(rank: int, world: int, store: str, tmp: str) -> None:
+    _join_group(rank, world, store)
     import torch.distributed as tdist
 
     from ssmis.engine import dist
