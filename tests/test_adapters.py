@@ -256,3 +256,30 @@ def test_nnunet_bad_label_value_and_corrupt_file(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(spec))
     with pytest.raises(DataError, match="not 0..K-1"):
         _adapter(tmp_path).info()
+
+
+# --- SSMIS_DATA: a fallback for roots, never an override ----------------------------------------------------------
+
+def test_ssmis_data_is_a_fallback_for_missing_or_absent_roots(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    write_phantom(store / "MyData", "folders")
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = DataConfig(num_classes=4)
+    monkeypatch.delenv("SSMIS_DATA", raising=False)
+    with pytest.raises(UserError, match=r"does not exist.*set \$SSMIS_DATA"):
+        make_adapter("folders", "../shared/MyData", cfg)
+    monkeypatch.setenv("SSMIS_DATA", str(store))
+    # a config's relative root that is missing here: found as $SSMIS_DATA/<last part>
+    assert make_adapter("folders", "../shared/MyData", cfg).root == store / "MyData"
+    assert make_adapter("auto", "MyData", cfg).root == store / "MyData"          # and as $SSMIS_DATA/<root>
+    # no root at all: $SSMIS_DATA itself, detected
+    monkeypatch.setenv("SSMIS_DATA", str(store / "MyData"))
+    assert make_adapter("auto", None, cfg).root == store / "MyData"
+    # a root that exists wins over $SSMIS_DATA
+    write_phantom(elsewhere / "MyData", "folders")
+    assert make_adapter("folders", "MyData", cfg).root.resolve() == (elsewhere / "MyData").resolve()
+    # still missing: the error says where it also looked
+    with pytest.raises(UserError, match=r"also looked under \$SSMIS_DATA"):
+        make_adapter("folders", "Nowhere", cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ssmis.atomic import atomic_write_bytes, atomic_write_text
-from ssmis.data.adapter import DataError
+from ssmis.data.adapter import DataError, resolve_root
 from ssmis.errors import UserError
 
 NIFTI = (".nii.gz", ".nii")
@@ -217,7 +217,7 @@ def _pixel_table(pixel_csv: str | Path | None, model: Model) -> dict[str, dict]:
     if pixel_csv is not None:
         return read_pixel_csv(Path(pixel_csv))
     table: dict[str, dict] = {}
-    root = model.cfg.data.root
+    root = resolve_root(model.cfg.data.root)
     if model.cfg.data.layout == "hc18" and root:
         for name in HC18_CSVS:
             if (Path(root) / name).is_file():

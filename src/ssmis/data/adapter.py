@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,21 +76,51 @@ class Adapter(ABC):
         return None
 
 
+DATA_ENV = "SSMIS_DATA"
+
+
+def resolve_root(root: str | Path | None) -> Path | None:
+    """The dataset root: `root` as given where it exists. Only as a fallback, the folder in $SSMIS_DATA: no root
+    -> $SSMIS_DATA itself; a missing relative root -> $SSMIS_DATA/<root>, else $SSMIS_DATA/<its last part> (so
+    a config's `../shared/data/ACDC` finds $SSMIS_DATA/ACDC). Anything else is returned unchanged."""
+    env = os.environ.get(DATA_ENV)
+    if root is None:
+        return Path(env) if env else None
+    p = Path(root)
+    if p.exists() or p.is_absolute() or not env:
+        return p
+    for cand in (Path(env) / p, Path(env) / p.name):
+        if cand.exists():
+            return cand
+    return p
+
+
+def _missing_root_hint() -> str:
+    env = os.environ.get(DATA_ENV)
+    return (f"Check the path (also looked under ${DATA_ENV}={env})." if env else
+            f"Check the path, or set ${DATA_ENV} to the folder that holds your datasets.")
+
+
 def make_adapter(layout: str, root: str | Path | None, cfg: Any = None) -> Adapter:
     """Build the adapter for `layout` ('auto' detects it from the files under `root`)."""
     import ssmis.data  # noqa: F401  (registers the built-in layouts)
 
+    given, root = root, resolve_root(root)
     if layout == "auto":
         if root is None:
-            raise UserError("data.root", "no dataset root given", "Set data.root, or data.layout=phantom.")
-        layout = detect_layout(Path(root))
+            raise UserError("data.root", "no dataset root given",
+                            f"Set data.root (or ${DATA_ENV}), or data.layout=phantom.")
+        if not root.exists():
+            raise UserError(str(given), "dataset root does not exist", _missing_root_hint())
+        layout = detect_layout(root)
     cls = LAYOUTS.get(layout, "data.layout")
-    if cls.needs_root:
-        if root is None:
-            raise UserError("data.root", f"layout {layout!r} needs a dataset root", "Set data.root=PATH.")
-        if not Path(root).exists():
-            raise UserError(str(root), "dataset root does not exist", "Check the path.")
-    return cls(Path(root) if root is not None else None, cfg)
+    if not cls.needs_root:
+        return cls(Path(given) if given is not None else None, cfg)
+    if root is None:
+        raise UserError("data.root", f"layout {layout!r} needs a dataset root", f"Set data.root=PATH (or ${DATA_ENV}).")
+    if not root.exists():
+        raise UserError(str(given), "dataset root does not exist", _missing_root_hint())
+    return cls(root, cfg)
 
 
 def detect_layout(root: Path) -> str:
