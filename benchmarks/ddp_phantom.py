@@ -7,7 +7,6 @@ Usage: python benchmarks/ddp_phantom.py [--iterations 300] [--record]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from _common import cpu_model, record  # noqa: E402  (benchmarks/ is the script folder)
+from _common import record, section  # noqa: E402  (benchmarks/ is the script folder)
 
 
 
@@ -51,13 +50,11 @@ def main() -> None:
         rows.append(f"| {label} | {summ['best_val_dice']:.4f} (step {summ['best_step']}) | {test:.4f} | {seconds:.0f} |")
         print(rows[-1], flush=True)
     shutil.rmtree(tmp)
-    cpu = cpu_model()
-    text = "\n".join([
-        "", "## DDP on CPU: 1 process vs 2 gloo processes (phantom, Mean Teacher, same global batch 4 + 4)", "",
-        f"- Command: `python benchmarks/ddp_phantom.py --iterations {a.iterations}`",
-        f"- Date: {datetime.date.today()}; CPU: {cpu}, 2 cores; wall time includes start-up, data loading, "
-        "validation every 100 steps and the final test evaluation.", "",
-        "| setting | best val Dice | test Dice (best-val checkpoint) | wall time (s) |", "|---|---|---|---|", *rows, ""])
+    text = section("DDP on CPU: 1 process vs 2 gloo processes (phantom, Mean Teacher, same global batch 4 + 4)",
+                   f"python benchmarks/ddp_phantom.py --iterations {a.iterations}",
+                   "2 cores; wall time includes start-up, data loading, validation every 100 steps and the final "
+                   "test evaluation.", [],
+                   ["setting", "best val Dice", "test Dice (best-val checkpoint)", "wall time (s)"], rows)
     print(text)
     if a.record:
         record(text)

@@ -11,7 +11,6 @@ patches) a step draws: labelled + unlabelled, labelled only for methods that use
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from ssmis.config import load_config
 from ssmis.engine.run import setup
 from ssmis.registry import METHODS
-from _common import cpu_model, record  # noqa: E402  (benchmarks/ is the script folder)
+from _common import record, section  # noqa: E402  (benchmarks/ is the script folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,15 +65,13 @@ def main() -> None:
     cfg = load_config(ROOT / a.config)
     setting = (f"{a.config}: patch {'x'.join(map(str, cfg.data.patch_size))}, {cfg.model.name}, "
                f"{cfg.train.labeled_bs} + {cfg.train.unlabeled_bs}")
-    text = "\n".join([
-        "", f"## Cost per iteration relative to Mean Teacher ({setting})", "",
-        f"- Command: `python benchmarks/method_cost.py --config {a.config} --iters {a.iters} --warmup {a.warmup} "
-        f"--threads {a.threads}" + (f" --methods {' '.join(a.methods)}" if a.methods else "") + "`",
-        f"- Date: {datetime.date.today()}; CPU: {cpu_model()}, {a.threads} threads; torch {torch.__version__}; "
-        f"precision {precision}",
-        "- The engine's whole iteration (sampling, augmentation, forward/backward, teacher updates), no validation; "
-        "multi-stage methods timed in their last stage.", "",
-        "| method | s/it | images or patches / s | relative to Mean Teacher |", "|---|---|---|---|", *rows, ""])
+    command = (f"python benchmarks/method_cost.py --config {a.config} --iters {a.iters} --warmup {a.warmup} "
+               f"--threads {a.threads}" + (f" --methods {' '.join(a.methods)}" if a.methods else ""))
+    text = section(f"Cost per iteration relative to Mean Teacher ({setting})", command,
+                   f"{a.threads} threads; torch {torch.__version__}; precision {precision}",
+                   ["The engine's whole iteration (sampling, augmentation, forward/backward, teacher updates), no "
+                    "validation; multi-stage methods timed in their last stage."],
+                   ["method", "s/it", "images or patches / s", "relative to Mean Teacher"], rows)
     print(text)
     if a.record:
         record(text)

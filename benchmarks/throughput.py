@@ -10,7 +10,6 @@ Appends its table to docs/benchmarks.md with --record.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from ssmis.engine.run import setup
 from ssmis.losses import ce_dice_loss, softmax_mse
 from ssmis.methods.base import teacher_noise
 from ssmis.models.unet import UNet2D
-from _common import cpu_model, record  # noqa: E402  (benchmarks/ is the script folder)
+from _common import record, section  # noqa: E402  (benchmarks/ is the script folder)
 
 
 
@@ -94,15 +93,14 @@ def main() -> None:
     from ssmis.engine.amp import resolve_precision
 
     picked = resolve_precision(auto, "auto", torch.device("cpu")).label
-    text = "\n".join([
-        "", "## Mean Teacher throughput, ACDC 128x128, 4 labelled + 4 unlabelled", "",
-        f"- Command: `python benchmarks/throughput.py --iters {a.iters} --warmup {a.warmup} --threads {a.threads}`",
-        f"- Date: {datetime.date.today()}; CPU: {cpu_model()}, {a.threads} threads; torch {torch.__version__}",
-        f"- `train.amp=auto` picks on this CPU: {picked}",
-        "- bare = student forward+backward on 8 slices, teacher forward on 4, SGD step; ssmis = the engine's "
-        "whole iteration (two-stream sampling, augmentation, forward/backward, EMA update, logging), no validation; "
-        "medians over alternating blocks of 10 iterations.",
-        "", "| precision | bare step (s/it) | ssmis iteration (s/it) | ratio |", "|---|---|---|---|", *rows, ""])
+    text = section("Mean Teacher throughput, ACDC 128x128, 4 labelled + 4 unlabelled",
+                   f"python benchmarks/throughput.py --iters {a.iters} --warmup {a.warmup} --threads {a.threads}",
+                   f"{a.threads} threads; torch {torch.__version__}",
+                   [f"`train.amp=auto` picks on this CPU: {picked}",
+                    "bare = student forward+backward on 8 slices, teacher forward on 4, SGD step; ssmis = the engine's "
+                    "whole iteration (two-stream sampling, augmentation, forward/backward, EMA update, logging), no "
+                    "validation; medians over alternating blocks of 10 iterations."],
+                   ["precision", "bare step (s/it)", "ssmis iteration (s/it)", "ratio"], rows)
     print(text)
     if a.record:
         record(text)

@@ -73,11 +73,10 @@ def phantom_volume(seed: int, slices: int = 8, size: int = 64) -> tuple[np.ndarr
     return img.astype(np.float32), lab, (10.0, 1.5 * 64 / size, 1.5 * 64 / size)
 
 
-@LAYOUTS.register("phantom")
-class PhantomAdapter(Adapter):
-    """The built-in phantom as a layout: every patient one 3D volume; train and eval pools are the same."""
+class BuiltinPhantom(Adapter):
+    """A layout generated in memory (no files, no root): a fixed item list, volumes a function of the phantom seed
+    (`data.phantom.seed`) and of the item's index. Subclasses set `_items` and `info`, and implement `volume`."""
 
-    name = "phantom"
     needs_root = False
 
     def __init__(self, root=None, cfg=None):
@@ -85,16 +84,34 @@ class PhantomAdapter(Adapter):
         from ssmis.config.schema import PhantomConfig
 
         self.p = cfg.phantom if cfg is not None and hasattr(cfg, "phantom") else PhantomConfig()
+        self._items: list[Item] = []
+
+    def items(self, role):
+        return list(self._items)
+
+    def volume(self, seed: int, item: Item) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+        """(image D×H×W float32, label D×H×W, spacing in mm) of one item."""
+        raise NotImplementedError
+
+    def load(self, item: Item) -> dict:
+        img, lab, spacing = self.volume(self.p.seed * 100003 + item.meta["index"], item)
+        return {"image": img[None], "label": lab.astype(np.int64), "case": item.id, "patient": item.patient,
+                "spacing": spacing}
+
+
+@LAYOUTS.register("phantom")
+class PhantomAdapter(BuiltinPhantom):
+    """The built-in phantom as a layout: every patient one 3D volume; train and eval pools are the same."""
+
+    name = "phantom"
+
+    def __init__(self, root=None, cfg=None):
+        super().__init__(root, cfg)
         self._items = [Item(f"phantom{i:03d}", f"phantom{i:03d}", True, f"phantom:{i}", {"index": i})
                        for i in range(self.p.patients)]
 
     def info(self) -> DatasetInfo:
         return DatasetInfo("phantom", 4, 3, 1, True, CLASS_NAMES)
 
-    def items(self, role):
-        return list(self._items)
-
-    def load(self, item: Item) -> dict:
-        img, lab, spacing = phantom_volume(self.p.seed * 100003 + item.meta["index"], self.p.slices, self.p.size)
-        return {"image": img[None], "label": lab.astype(np.int64), "case": item.id, "patient": item.patient,
-                "spacing": spacing}
+    def volume(self, seed: int, item: Item):
+        return phantom_volume(seed, self.p.slices, self.p.size)

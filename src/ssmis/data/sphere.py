@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ssmis.data.adapter import Adapter, DatasetInfo, Item
+from ssmis.data.adapter import DatasetInfo, Item
+from ssmis.data.phantom import BuiltinPhantom
 from ssmis.data.splits import Splits
 from ssmis.registry import LAYOUTS
 
@@ -34,18 +35,14 @@ def sphere_volume(seed: int, clean: bool, shape: tuple[int, int, int] = SHAPE) -
 
 
 @LAYOUTS.register("sphere")
-class SpherePhantomAdapter(Adapter):
+class SpherePhantomAdapter(BuiltinPhantom):
     """The sphere phantom as a layout (no files): 2 labelled, 32 unlabelled, 4 val and 16 test volumes."""
 
     name = "sphere"
-    needs_root = False
 
     def __init__(self, root=None, cfg=None):
-        super().__init__(None, cfg)
-        phantom = getattr(cfg, "phantom", None)
-        self.seed = phantom.seed if phantom is not None else 0
+        super().__init__(root, cfg)
         self.roles: dict[str, list[str]] = {}
-        self._items: list[Item] = []
         for role, n in ROLES.items():
             ids = [f"sphere_{role}{i:02d}" for i in range(n)]
             self.roles[role] = ids
@@ -55,13 +52,9 @@ class SpherePhantomAdapter(Adapter):
     def info(self) -> DatasetInfo:
         return DatasetInfo("sphere", 2, 3, 1, True, ["background", "sphere"])
 
-    def items(self, role):
-        return list(self._items)
-
-    def load(self, item: Item) -> dict:
-        img, lab = sphere_volume(self.seed * 100003 + item.meta["index"], item.meta["clean"])
-        return {"image": img[None], "label": lab.astype(np.int64), "case": item.id, "patient": item.patient,
-                "spacing": (1.0, 1.0, 1.0)}
+    def volume(self, seed: int, item: Item):
+        img, lab = sphere_volume(seed, item.meta["clean"])
+        return img, lab, (1.0, 1.0, 1.0)
 
     def protocol_splits(self, labeled: float, seed: int) -> Splits:
         r = self.roles
