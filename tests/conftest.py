@@ -34,14 +34,15 @@ def small_config(method: str = "supervised", iterations: int = 10, *extra: str):
 TINY_UNET = dict(widths=(4, 8, 16, 32, 64))
 
 
-def tiny_method(cls, total=300, num_classes=4, spatial_dims=2, make_model=None, seed=0, **cfg):
-    """A method built directly (no engine) on tiny UNet-2D networks, for behaviour tests; returns (method, ctx)."""
+def tiny_method(cls, total=300, num_classes=4, spatial_dims=2, make_model=None, seed=0, plugins=None, **cfg):
+    """A method built directly (no engine) on tiny UNet-2D networks, for behaviour tests; returns (method, ctx).
+    `plugins`: a PluginSet for the method's slots (default none)."""
     from ssmis.methods.base import BuildContext
     from ssmis.models.unet import UNet2D
 
     torch.manual_seed(seed)
     make_model = make_model or (lambda: UNet2D(1, num_classes, **TINY_UNET))
-    ctx = BuildContext(make_model, torch.device("cpu"), total, num_classes, spatial_dims)
+    ctx = BuildContext(make_model, torch.device("cpu"), total, num_classes, spatial_dims, plugins=plugins)
     return cls(cls.Config(**cfg), ctx), ctx
 
 

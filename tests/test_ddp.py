@@ -85,12 +85,19 @@ def _dump_worker(rank: int, world: int, store: str, tmp: str) -> None:
     from ssmis.engine.run import setup
 
     torch.set_num_threads(1)
-    cfg = load_config("phantom", TINY + ["train.iterations=6", "train.eval_every=3"])
+    # with a stateful plug-in: its statistics are summed over the two processes each step, so the thresholds
+    # agree after every step (not only after the buffer averaging at checkpoints and at the end)
+    cfg = load_config("phantom", TINY + ["train.iterations=6", "train.eval_every=3", "plugins=[{name: class_threshold}]"])
     dinfo = dist.init("cpu")
     trainer = setup(cfg, None, log=lambda m: None, dinfo=dinfo)
+    plugin, taus = trainer.ctx.plugins.items[0], []
+    step_end = plugin.on_step_end
+    plugin.on_step_end = lambda stats: (step_end(stats), taus.append(plugin.tau.clone()))
     trainer.fit(progress=False)
     flat = {f"{n}.{k}": v for n, m in trainer.ctx.modules.items() for k, v in m.state_dict().items()}
     flat["val"] = torch.tensor(trainer.history)
+    flat["tau_per_step"] = torch.stack(taus)
+    assert len(taus) == 6
     torch.save(flat, f"{tmp}/rank{rank}.pt")
     tdist.destroy_process_group()
 

@@ -227,12 +227,13 @@ def test_unimatch_two_independent_boxes_labelled_from_the_mix_prediction(monkeyp
     boxes, losses, labels_spy = Spy(strong.cutmix_box), Spy(pseudo.pseudo_label_loss), Spy(pseudo.pseudo_label)
     monkeypatch.setattr(fixmatch, "cutmix_box", boxes)
     monkeypatch.setattr(fixmatch, "pseudo_label_loss", losses)
-    monkeypatch.setattr(unimatch, "pseudo_label", labels_spy)
+    monkeypatch.setattr(fixmatch, "pseudo_label", labels_spy)
     torch.manual_seed(2)
     m.train_step(lb, ub, 0)
     (box1, box2) = [out for _, out in boxes.calls]
     assert not torch.equal(box1, box2) and box1.flatten(1).any(1).all() and box2.flatten(1).any(1).all()
-    (_, (labels, keep)), = labels_spy.calls          # the weak view's pseudo-label (train mode)
+    assert len(labels_spy.calls) == 2                # the mix partners' (eval mode), then the weak view's
+    (_, (labels, keep)) = labels_spy.calls[-1]       # the weak view's pseudo-label (train mode)
     for call, box in zip(losses.calls[:2], (box1, box2)):
         (_, target, mask, kind), loss = call
         assert kind == "dice"

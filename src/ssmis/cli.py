@@ -70,6 +70,15 @@ def _list(a) -> int:
             if fnmatch.fnmatch(name, a.pattern):
                 print(f"{name:16s} {dims:6s} {line}")
         return 0
+    if a.what == "plugins":
+        from ssmis.methods import slot_hosts
+        from ssmis.plugins import describe_plugins
+
+        hosts = slot_hosts()
+        for name, slot, line in describe_plugins():
+            if fnmatch.fnmatch(name, a.pattern):
+                print(f"{name:16s} {slot:10s} {line} Hosts: {', '.join(hosts.get(slot, [])) or 'none yet'}.")
+        return 0
     import ssmis.data  # noqa: F401  (registers layouts)
     import ssmis.models  # noqa: F401  (registers models)
     from ssmis.registry import LAYOUTS, MODELS
@@ -205,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     ms = sub.add_parser("methods", help="list the registered methods (same as `ssmis list methods`)")
     ms.set_defaults(func=_methods)
 
-    ls = sub.add_parser("list", help="list registered methods, models or data layouts")
-    ls.add_argument("what", choices=["methods", "models", "layouts"])
+    ls = sub.add_parser("list", help="list registered methods, models, data layouts or plug-ins (with their slot "
+                                     "and the methods that offer it)")
+    ls.add_argument("what", choices=["methods", "models", "layouts", "plugins"])
     ls.add_argument("pattern", nargs="?", default="*", help="shell pattern on the names (default *)")
     ls.set_defaults(func=_list)
 

@@ -1,4 +1,4 @@
-"""Name -> class registries for methods, models and data layouts, with close-match suggestions.
+"""Name -> class registries for methods, models, data layouts and plug-ins, with close-match suggestions.
 
 Third-party packages add their own by declaring an entry point in the `ssmis.extensions` group, e.g. in their
 pyproject.toml `[project.entry-points."ssmis.extensions"] mymethod = "my_package.my_method"`; the module is
@@ -19,7 +19,7 @@ _extensions_loaded = False
 
 
 def load_extensions() -> None:
-    """Import every `ssmis.extensions` entry point once (they register methods, models or layouts)."""
+    """Import every `ssmis.extensions` entry point once (they register methods, models, layouts or plug-ins)."""
     global _extensions_loaded
     if _extensions_loaded:
         return
@@ -68,3 +68,4 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method")
 MODELS: Registry = Registry("model")
 LAYOUTS: Registry = Registry("layout")
+PLUGINS: Registry = Registry("plug-in")

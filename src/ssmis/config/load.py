@@ -127,8 +127,10 @@ def load_config(ref: str | Path | None = None, overrides: list[str] | tuple[str,
     except ValidationError as err:
         raise validation_to_user_error(err, RunConfig, source) from None
     from ssmis.methods import method_config  # validates the method section against its own schema
+    from ssmis.plugins import plugin_configs
 
     cfg.method = method_config(cfg.method, source).model_dump()
+    cfg.plugins = [c.model_dump() for c in plugin_configs(cfg.plugins, source)]
     return cfg
 
 

@@ -120,6 +120,9 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "supervised"},
                                    description="Method section; validated by the method's own Config (by name).")
+    plugins: list[dict[str, Any]] = Field(default_factory=list,
+                                          description="Plug-ins in the host method's slots, applied in this order; "
+                                          "each validated by the plug-in's own Config (by name).")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     sched: SchedConfig = Field(default_factory=SchedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -25,6 +25,7 @@ from ssmis.engine.trainer import MetricsLog, Trainer, TrainingDiverged, ValCase
 from ssmis.errors import UserError
 from ssmis.methods import BuildContext
 from ssmis.models import build_model
+from ssmis.plugins import build_plugins
 from ssmis.registry import METHODS, MODELS
 
 
@@ -126,9 +127,16 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
         return DDP(module, device_ids=[dinfo.local_rank] if device.type == "cuda" else None,
                    find_unused_parameters=method_cls.find_unused_parameters)
 
+    plugins = build_plugins(cfg.plugins, num_classes, dims).to(device)
     torch.manual_seed(cfg.seed)                    # identical initialisation on every rank
-    ctx = BuildContext(make_model, device, t.iterations, num_classes, spatial_dims=dims, wrap=wrap)
+    ctx = BuildContext(make_model, device, t.iterations, num_classes, spatial_dims=dims, wrap=wrap, plugins=plugins)
     method = method_cls(mcfg, ctx)
+    plugins.check_host(cfg.method["name"], method.slots())
+    if len(plugins):
+        if plugins.has_parameters() and dinfo.active:
+            raise UserError("plugins", "plug-ins with learnable parameters do not train under DDP yet",
+                            "Train in one process, or use plug-ins without parameters.")
+        ctx.add("plugins", plugins, trainable=plugins.has_parameters())     # checkpointed and resumed with the run
     torch.manual_seed(cfg.seed + 1000003 * dinfo.rank)   # per-rank dropout and noise draws
     net = method.eval_model()
     model_info = {"model_name": cfg.model.name, "model_args": dict(net.init_args),

@@ -21,6 +21,7 @@ from ssmis.engine.streams import Stream
 from ssmis.errors import UserError
 from ssmis.eval.inference import dice_per_class, predict_case
 from ssmis.methods.base import Batch, BuildContext, Method
+from ssmis.plugins.base import sum_over_processes
 from ssmis.schedules import lr_factor
 
 
@@ -257,6 +258,7 @@ class Trainer:
             if dist.any_true(self.dist, not bool(torch.isfinite(out.loss.detach()))):   # all ranks agree
                 self.nonfinite += 1
                 self.opt.zero_grad(set_to_none=True)
+                self.ctx.plugins.discard_stats()       # a skipped step updates no plug-in state
                 self._restore_buffers(buffers)       # the skipped forward must not leave NaN in BN statistics
                 if metrics:
                     metrics.write(step, stage, "train", {"nonfinite_loss": 1})
@@ -269,6 +271,8 @@ class Trainer:
             else:
                 self.nonfinite = 0
                 self._optimizer_step(out.loss)
+                if len(self.ctx.plugins):
+                    self.ctx.plugins.step_end(sum_over_processes(self.ctx.plugins.pending_stats()))
                 self.method.after_step(step)
                 last_logs = {"loss": out.loss.detach(), **out.logs}
             self.step = step + 1

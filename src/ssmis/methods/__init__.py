@@ -14,7 +14,8 @@ from ssmis.registry import METHODS
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.startswith("_")):
     importlib.import_module(f"{__name__}.{_mod}")
 
-__all__ = ["Batch", "BuildContext", "Method", "MethodConfig", "StepOutput", "method_config", "describe_methods"]
+__all__ = ["Batch", "BuildContext", "Method", "MethodConfig", "StepOutput", "method_config", "describe_methods",
+           "slot_hosts"]
 
 
 def method_config(section: dict, source: str = "config") -> MethodConfig:
@@ -38,4 +39,13 @@ def describe_methods() -> list[tuple[str, str, str]]:
         cls = METHODS.get(n)
         dims = "/".join(f"{d}D" for d in sorted(cls.spatial_dims))
         out.append((n, dims, (cls.__doc__ or "").strip().splitlines()[0]))
+    return out
+
+
+def slot_hosts() -> dict[str, list[str]]:
+    """Plug-in slot -> the registered methods that offer it (class-level; see each method's docstring)."""
+    out: dict[str, list[str]] = {}
+    for n in METHODS.list():
+        for slot in METHODS.get(n).provides:
+            out.setdefault(slot, []).append(n)
     return out

@@ -82,6 +82,8 @@ class ABDConfig(BCPConfig):
 class ABD(BCP):
     """ABD: weak/strong UNet pair with adaptive bidirectional patch displacement (BCP host by default)."""
 
+    provides = {}          # no plug-in slots yet (BCP's targets slot is not wired into ABD's two-network steps)
+
     class Config(ABDConfig):
         name: Literal["abd"] = "abd"
 

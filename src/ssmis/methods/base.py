@@ -9,6 +9,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from ssmis.plugins.base import PluginSet, SlotInputs, no_plugins
+
 
 class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -35,9 +37,11 @@ class BuildContext:
     """What a method gets to build itself: model factory, device, run length, and `add` to register modules."""
 
     def __init__(self, make_model: Callable[[], nn.Module], device: torch.device, total_steps: int,
-                 num_classes: int, spatial_dims: int, wrap: Callable[[nn.Module], nn.Module] = lambda m: m):
+                 num_classes: int, spatial_dims: int, wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+                 plugins: PluginSet | None = None):
         self._make_model, self.device, self.total_steps = make_model, device, total_steps
         self.num_classes, self.spatial_dims, self._wrap = num_classes, spatial_dims, wrap
+        self.plugins = plugins if plugins is not None else no_plugins()
         self.modules: dict[str, nn.Module] = {}
         self.trainable: list[str] = []
 
@@ -65,10 +69,26 @@ class Method:
     default_augment: ClassVar[str] = "ssl4mis"        # what train.augment=auto means for this method
     find_unused_parameters: ClassVar[bool] = False      # DDP: set when some parameters get no gradient in a step
     spatial_dims: ClassVar[frozenset[int]] = frozenset({2, 3})
+    # plug-in slots this method offers, each with the SlotInputs keys it passes there (ssmis.plugins)
+    provides: ClassVar[dict[str, frozenset[str]]] = {}
 
     def __init__(self, cfg: MethodConfig, ctx: BuildContext):
         self.cfg, self.ctx = cfg, ctx
         self.build(ctx)
+
+    def slots(self) -> dict[str, frozenset[str]]:
+        """The slots this configured instance offers (default: the class's `provides`)."""
+        return dict(type(self).provides)
+
+    def slot(self, name: str, value, **inputs):
+        """Pass `value` through the plug-ins configured in slot `name` (unchanged when there are none)."""
+        plugins = self.ctx.plugins
+        if not plugins.by_slot[name]:
+            return value
+        return plugins.apply(name, value, SlotInputs(**inputs))
+
+    def slot_active(self, name: str) -> bool:
+        return bool(self.ctx.plugins.by_slot[name])
 
     def build(self, ctx: BuildContext) -> None:
         raise NotImplementedError
@@ -96,6 +116,17 @@ class Method:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+def require_feature_perturbation(model: nn.Module, needed_by: str, where: str = "model.name") -> None:
+    """A user error unless the model's forward takes `perturb_features` (encoder -> perturbation -> decoder)."""
+    import inspect
+
+    from ssmis.errors import UserError
+
+    if "perturb_features" not in inspect.signature(model.forward).parameters:
+        raise UserError(where, f"{type(model).__name__} exposes no encoder features (perturb_features)",
+                        f"{needed_by} needs such a model, e.g. unet2d.")
 
 
 def teacher_noise(x: Tensor) -> Tensor:

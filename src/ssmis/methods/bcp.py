@@ -10,7 +10,7 @@ Dice + CE), `pretrain_step` and `mixed_step` (one network's BCP self-training fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -64,10 +64,12 @@ def largest_component_per_class(labels: Tensor, num_classes: int) -> Tensor:
 
 
 @torch.no_grad()
-def pseudo_labels(teacher: nn.Module, image: Tensor, lcc: bool = True) -> Tensor:
-    """Teacher argmax of softmax (one forward per call, as the reference), then per-class LCC (ACDC)."""
+def pseudo_labels(teacher: nn.Module, image: Tensor, lcc: bool = True,
+                  refine: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Teacher argmax of softmax (one forward per call, as the reference), then per-class LCC (ACDC). `refine`
+    (probabilities -> probabilities, the targets slot) acts before the argmax."""
     logits = teacher(image).logits.float()
-    pred = logits.argmax(1)
+    pred = logits.argmax(1) if refine is None else refine(logits.softmax(1)).argmax(1)
     return largest_component_per_class(pred, logits.shape[1]) if lcc else pred
 
 
@@ -162,6 +164,8 @@ class BCP(Method):
                                                         "(the reference code saves and tests the student).")
 
     stages = ("pretrain", "selftrain")
+    # plug-ins: `targets` refines the teacher's probabilities on the unlabelled images before argmax and LCC
+    provides = {"targets": frozenset({"teacher_probs", "image", "step"})}
 
     def build(self, ctx):
         self.fresh_optimizer_per_stage = self.cfg.fresh_optimizer
@@ -191,11 +195,16 @@ class BCP(Method):
         if self.stage == "pretrain":
             return pretrain_step(self.student, lb, self.cfg.mask_ratio)
         l_a, l_b, y_a, y_b, u_a, u_b = split_pairs(lb, ub)
-        p_a = pseudo_labels(self.teacher, u_a, self.cfg.lcc)
-        p_b = pseudo_labels(self.teacher, u_b, self.cfg.lcc)
+        p_a = pseudo_labels(self.teacher, u_a, self.cfg.lcc, self.targets_slot(u_a, step))
+        p_b = pseudo_labels(self.teacher, u_b, self.cfg.lcc, self.targets_slot(u_b, step))
         mask = box_mask(l_a.shape[2:], self.cfg.mask_ratio, l_a.device)
         m = mixed_step(self.student, l_a, l_b, u_a, u_b, y_a, y_b, p_a, p_b, mask, self.cfg.u_weight)
         return StepOutput(m.loss, {"mix_dice": m.dice.detach(), "mix_ce": m.ce.detach()})
+
+    def targets_slot(self, image: Tensor, step: int) -> Callable[[Tensor], Tensor] | None:
+        if not self.slot_active("targets"):
+            return None
+        return lambda probs: self.slot("targets", probs, teacher_probs=probs, image=image, step=step)
 
     def after_step(self, step: int) -> None:
         if self.stage == "selftrain":

@@ -45,9 +45,17 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return len(pa) == len(pb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb))
 
 
+SLOT_INPUTS = frozenset({"teacher_probs", "student_logits", "student_probs", "image", "step"})
+
+
 @METHODS.register("cps")
 class CPS(Method):
-    """CPS: two differently initialised networks supervise each other with hard pseudo-labels (net 1 reported)."""
+    """CPS: two differently initialised networks supervise each other with hard pseudo-labels (net 1 reported).
+
+    Plug-in slots, once per direction (the other network plays the teacher): `targets` (its probabilities, before
+    the argmax), `mask` (per-pixel weights of the cross term) and `unsup_loss` (the per-pixel CE)."""
+
+    provides = {"targets": SLOT_INPUTS, "mask": SLOT_INPUTS, "unsup_loss": SLOT_INPUTS}
 
     class Config(MethodConfig):
         name: Literal["cps"] = "cps"
@@ -88,14 +96,27 @@ class CPS(Method):
         x = torch.cat([lb.image, ub.image])        # one forward per net over labelled + unlabelled (BN as reference)
         z1, z2 = self.net1(x).logits, self.net2(x).logits
         sup1, sup2 = ce_dice_loss(z1[:n], lb.label), ce_dice_loss(z2[:n], lb.label)
-        cps1 = cross_pseudo_loss(z1[n:], z2[n:])    # net 1 learns from net 2's argmax
-        cps2 = cross_pseudo_loss(z2[n:], z1[n:])
+        cps1 = self.cross_term(z1[n:], z2[n:], ub.image, step)    # net 1 learns from net 2's argmax
+        cps2 = self.cross_term(z2[n:], z1[n:], ub.image, step)
         w = self.weight(step)
         loss = sup1 + sup2 + w * (cps1 + cps2)
         with torch.no_grad():
             agree = (z1[n:].argmax(1) == z2[n:].argmax(1)).float().mean()
         return StepOutput(loss, {"sup1": sup1.detach(), "sup2": sup2.detach(), "cps1": cps1.detach(),
                                  "cps2": cps2.detach(), "w": w, "agree": agree})
+
+    def cross_term(self, z: Tensor, z_other: Tensor, image: Tensor, step: int) -> Tensor:
+        """CE(z, argmax z_other), through the targets, unsup_loss and mask slots when plug-ins are configured."""
+        if not len(self.ctx.plugins):
+            return cross_pseudo_loss(z, z_other)
+        probs = z_other.detach().float().softmax(1)
+        inp = dict(teacher_probs=probs, student_logits=z, student_probs=z.detach().float().softmax(1), image=image,
+                   step=step)
+        targets = self.slot("targets", probs, **inp)
+        inp["teacher_probs"] = targets
+        ce = self.slot("unsup_loss", F.cross_entropy(z.float(), targets.argmax(1), reduction="none"), **inp)
+        mask = self.slot("mask", torch.ones_like(ce), **inp)
+        return (mask * ce).mean()
 
     def eval_model(self):
         return self.ctx.modules["net1"]

@@ -7,6 +7,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
@@ -51,13 +52,28 @@ class WeakStrongConfig(MethodConfig):
         return v
 
 
+TARGET_INPUTS = frozenset({"teacher_probs", "image", "step"})
+
+
 class WeakToStrong(Method):
     """Shared part of FixMatch and UniMatch: one network, strong views with CutMix from a mix partner whose
-    pseudo-labels come from a no-grad eval-mode forward."""
+    pseudo-labels come from a no-grad eval-mode forward.
+
+    Plug-in slots: `inputs` (each strong view), `targets` (the weak-view probabilities, before the pseudo-label),
+    `mask` (the confidence mask as weights; the built-in τ still applies, method.threshold=0 turns it off) and,
+    with method.unsup_loss=ce, `unsup_loss` (the per-pixel CE against the pseudo-labels)."""
 
     default_augment = "bcp"                # the BCP-variant RandomGenerator (methods.md, Augmentation)
 
     spatial_dims = frozenset({2})
+    provides = {"inputs": frozenset({"image", "step"}), "targets": TARGET_INPUTS, "mask": TARGET_INPUTS,
+                "unsup_loss": TARGET_INPUTS | {"student_logits", "student_probs"}}
+
+    def slots(self) -> dict[str, frozenset[str]]:
+        out = super().slots()
+        if self.cfg.unsup_loss != "ce":          # the Dice term has no per-pixel loss to hand over
+            out.pop("unsup_loss")
+        return out
 
     def build(self, ctx):
         self.net = ctx.add("student", ctx.build_model(), trainable=True)
@@ -79,9 +95,20 @@ class WeakToStrong(Method):
         return strong_view(x, c.brightness, c.contrast, c.jitter_p, sigma, c.blur_p, c.clip)
 
     @torch.no_grad()
-    def partner_targets(self, x_w: Tensor) -> tuple[Tensor, Tensor]:
-        """Pseudo-labels and confidence mask of each sample's mix partner, from an eval-mode forward (as the
-        reference: BN running statistics, no dropout), then the train/eval flag restored."""
+    def pseudo_targets(self, probs: Tensor, x_w: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(hard pseudo-labels, confidence mask, probabilities) from weak-view probabilities, through the targets
+        and mask slots (the mask is bool without mask plug-ins, weights with them)."""
+        inp = dict(image=x_w, step=step) if len(self.ctx.plugins) else {}
+        probs = self.slot("targets", probs, teacher_probs=probs, **inp) if inp else probs
+        labels, keep = pseudo_label(probs, self.cfg.threshold)
+        if self.slot_active("mask"):
+            keep = self.slot("mask", keep.float(), teacher_probs=probs, **inp)
+        return labels, keep, probs
+
+    @torch.no_grad()
+    def partner_targets(self, x_w: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Pseudo-labels, confidence mask and probabilities of each sample's mix partner, from an eval-mode
+        forward (as the reference: BN running statistics, no dropout), then the train/eval flag restored."""
         net = self.ctx.modules["student"]
         was_training = net.training
         net.eval()
@@ -89,22 +116,33 @@ class WeakToStrong(Method):
             probs = net(x_w).logits.float().softmax(1)
         finally:
             net.train(was_training)
-        labels, keep = pseudo_label(probs, self.cfg.threshold)
-        return self.partner(labels), self.partner(keep)
+        return tuple(self.partner(t) for t in self.pseudo_targets(probs, x_w, step))
 
-    def mixed_strong_view(self, x_w: Tensor) -> tuple[Tensor, Tensor]:
+    def mixed_strong_view(self, x_w: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """Strong view of each sample with a CutMix box (probability cutmix_p) holding the strong view of its
-        mix partner (drawn independently). Returns (image, bool box B×H×W)."""
+        mix partner (drawn independently), then the inputs slot. Returns (image, bool box B×H×W)."""
         c = self.cfg
         own = self.strong(x_w)
         other = self.strong(self.partner(x_w))
         box = cutmix_box(x_w.shape[0], tuple(x_w.shape[2:]), c.cutmix_p, c.cutmix_area,
                          (c.cutmix_ratio, 1 / c.cutmix_ratio), x_w.device)
-        return paste(own, other, box), box
+        return self.slot("inputs", paste(own, other, box), image=x_w, step=step), box
 
-    def unsup(self, logits: Tensor, labels: Tensor, keep: Tensor) -> Tensor:
-        """The configured unlabelled loss (ignore-Dice or masked CE) against confident pseudo-labels."""
-        return pseudo_label_loss(logits, labels, keep, self.cfg.unsup_loss)
+    def unsup(self, logits: Tensor, targets: tuple[Tensor, Tensor, Tensor], x_w: Tensor, step: int) -> Tensor:
+        """The configured unlabelled loss (ignore-Dice or masked CE) against confident pseudo-labels; targets =
+        (labels, mask, probabilities). With unsup_loss plug-ins the per-pixel CE goes through that slot."""
+        labels, keep, probs = targets
+        if not self.slot_active("unsup_loss"):
+            return pseudo_label_loss(logits, labels, keep, self.cfg.unsup_loss)
+        ce = F.cross_entropy(logits.float(), labels.long(), reduction="none")
+        ce = self.slot("unsup_loss", ce, teacher_probs=probs, student_logits=logits,
+                       student_probs=logits.detach().float().softmax(1), image=x_w, step=step)
+        return (ce * keep.to(ce.dtype)).sum() / ce.numel()
+
+
+def mix_targets(own: tuple[Tensor, ...], other: tuple[Tensor, ...], box: Tensor) -> tuple[Tensor, ...]:
+    """Each of (labels, mask, probabilities) of the partner inside the CutMix box, the sample's own outside."""
+    return tuple(paste(a, b, box) for a, b in zip(own, other))
 
 
 @METHODS.register("fixmatch")
@@ -116,13 +154,13 @@ class FixMatch(WeakToStrong):
 
     def train_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
         x_w, n = ub.image, lb.image.shape[0]
-        mix_labels, mix_keep = self.partner_targets(x_w)
-        x_s, box = self.mixed_strong_view(x_w)
+        mix = self.partner_targets(x_w, step)
+        x_s, box = self.mixed_strong_view(x_w, step)
         logits = self.net(torch.cat([lb.image, x_w])).logits
         z_l, z_w = logits[:n], logits[n:]
         z_s = self.net(x_s).logits
-        labels, keep = pseudo_label(z_w.detach().float().softmax(1), self.cfg.threshold)
+        own = self.pseudo_targets(z_w.detach().float().softmax(1), x_w, step)
         loss_x = ce_dice_loss(z_l, lb.label)
-        loss_u = self.unsup(z_s, paste(labels, mix_labels, box), paste(keep, mix_keep, box))
+        loss_u = self.unsup(z_s, mix_targets(own, mix, box), x_w, step)
         return StepOutput((loss_x + loss_u) / 2, {"sup": loss_x.detach(), "unsup": loss_u.detach(),
-                                                  "mask": keep.float().mean()})
+                                                  "mask": own[1].float().mean()})

@@ -7,10 +7,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import Tensor
 
 from ssmis.engine.ema import EMA
 from ssmis.losses import ce_dice_loss, softmax_mse
-from ssmis.methods.base import Batch, Method, MethodConfig, StepOutput, teacher_noise
+from ssmis.methods.base import Batch, Method, MethodConfig, StepOutput, require_feature_perturbation, teacher_noise
 from ssmis.registry import METHODS
 from ssmis.schedules import sigmoid_ramp
 
@@ -36,17 +37,52 @@ def consistency_weight(cfg: ConsistencyConfig, step: int, total: int, spatial_di
     return cfg.lambda_u * sigmoid_ramp(step // cfg.epoch_len, cfg.rampup * total / cfg.epoch_len)
 
 
+SLOT_INPUTS = frozenset({"teacher_probs", "student_logits", "student_probs", "image", "step"})
+
+
 class TeacherStudent(Method):
-    """Shared part of MT and UA-MT: student + EMA teacher, one forward on labelled + unlabelled images."""
+    """Shared part of MT and UA-MT: student + EMA teacher, one forward on labelled + unlabelled images.
+
+    Plug-in slots: `inputs` (the student's unlabelled images), `features` (the student's encoder maps of the
+    unlabelled images), `targets` (the teacher's probabilities), `mask` (per-pixel weights of the consistency)
+    and `unsup_loss` (the per-pixel consistency)."""
+
+    provides = {"inputs": frozenset({"image", "step"}), "features": frozenset({"step"}), "targets": SLOT_INPUTS,
+                "mask": SLOT_INPUTS, "unsup_loss": SLOT_INPUTS}
 
     def build(self, ctx):
         self.student = ctx.add("student", ctx.build_model(), trainable=True)
         self.teacher = ctx.add("teacher", EMA(ctx.modules["student"], self.cfg.ema_decay), trainable=False)
+        if self.slot_active("features"):
+            require_feature_perturbation(ctx.modules["student"], "A `features` plug-in", "plugins")
 
-    def forward_both(self, lb: Batch, ub: Batch):
-        logits = self.student(torch.cat([lb.image, ub.image])).logits
+    def forward_both(self, lb: Batch, ub: Batch, step: int):
+        """Supervised loss and the student's unlabelled logits from one forward (after the inputs/features slots)."""
         n = lb.image.shape[0]
+        x_u = self.slot("inputs", ub.image, image=ub.image, step=step)
+        x = torch.cat([lb.image, x_u])
+        if self.slot_active("features"):
+            def perturb(feats):      # the unlabelled part of every encoder map through the features slot
+                out = self.slot("features", [f[n:] for f in feats], step=step)
+                return [torch.cat([f[:n], g]) for f, g in zip(feats, out)]
+            logits = self.student(x, perturb_features=perturb).logits
+        else:
+            logits = self.student(x).logits
         return ce_dice_loss(logits[:n], lb.label), logits[n:]
+
+    def consistency_terms(self, z_u: Tensor, t_probs: Tensor, image: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """(per-pixel squared probability difference averaged over classes B×S, per-pixel weights B×S or a
+        scalar 1), after the targets, unsup_loss and mask slots."""
+        inp = {}
+        if len(self.ctx.plugins):
+            inp = dict(teacher_probs=t_probs, student_logits=z_u, student_probs=z_u.float().softmax(1).detach(),
+                       image=image, step=step)
+        targets = self.slot("targets", t_probs, **inp)
+        if inp:
+            inp["teacher_probs"] = targets
+        per_pixel = self.slot("unsup_loss", softmax_mse(z_u, targets).mean(1), **inp)
+        mask = self.slot("mask", torch.ones_like(per_pixel), **inp) if self.slot_active("mask") else per_pixel.new_ones(())
+        return per_pixel, mask
 
     def weight(self, step: int) -> float:
         return consistency_weight(self.cfg, step, self.ctx.total_steps, self.ctx.spatial_dims)
@@ -66,9 +102,10 @@ class MeanTeacher(TeacherStudent):
         name: Literal["mean_teacher"] = "mean_teacher"
 
     def train_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
-        sup, z_u = self.forward_both(lb, ub)
+        sup, z_u = self.forward_both(lb, ub, step)
         with torch.no_grad():
             t_probs = self.teacher(teacher_noise(ub.image)).logits.float().softmax(1)
-        cons = softmax_mse(z_u, t_probs).mean()
+        per_pixel, mask = self.consistency_terms(z_u, t_probs, ub.image, step)
+        cons = (mask * per_pixel).mean()          # a mask plug-in zeroes pixels; they still count (FixMatch's CE)
         w = self.weight(step)
         return StepOutput(sup + w * cons, {"sup": sup.detach(), "cons": cons.detach(), "w": w})

@@ -9,7 +9,6 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ssmis.losses import softmax_mse
 from ssmis.losses.seg import entropy
 from ssmis.methods.base import Batch, StepOutput, teacher_noise
 from ssmis.methods.mean_teacher import ConsistencyConfig, TeacherStudent
@@ -39,10 +38,16 @@ def threshold(step: int, total: int, num_classes: int, compat_ln2: bool) -> floa
 
 
 def masked_consistency(d: Tensor, mask: Tensor, num_classes: int, compat_ln2: bool) -> Tensor:
-    """Σ M·d / (C·ΣM + 1e-16); the reference code hard-codes C = 2 (compat_ln2)."""
+    """Σ M·d / (C·ΣM + 1e-16) for d B×K×S; the reference code hard-codes C = 2 (compat_ln2)."""
+    return masked_mean(d.mean(1), mask, num_classes, compat_ln2)
+
+
+def masked_mean(per_pixel: Tensor, mask: Tensor, num_classes: int, compat_ln2: bool) -> Tensor:
+    """K·Σ M·ℓ / (C·ΣM + 1e-16) with ℓ = the class mean of d (B×S) and K classes: `masked_consistency` from
+    per-pixel values (C = K, or the reference's fixed C = 2 with compat_ln2)."""
     c = 2 if compat_ln2 else num_classes
-    m = mask.unsqueeze(1).to(d.dtype)
-    return (m * d).sum() / (c * m.sum() + 1e-16)
+    m = mask.to(per_pixel.dtype)
+    return (m * per_pixel).sum() * num_classes / (c * m.sum() + 1e-16)
 
 
 @METHODS.register("ua_mt")
@@ -55,12 +60,14 @@ class UAMT(TeacherStudent):
         compat_ln2: bool = Field(False, description="Reference-code form: ln 2 threshold and 2·ΣM denominator.")
 
     def train_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
-        sup, z_u = self.forward_both(lb, ub)
+        sup, z_u = self.forward_both(lb, ub, step)
         with torch.no_grad():
             t_probs = self.teacher(teacher_noise(ub.image)).logits.float().softmax(1)
             u = uncertainty(self.teacher, ub.image, self.cfg.passes)
             mask = u < threshold(step, self.ctx.total_steps, self.ctx.num_classes, self.cfg.compat_ln2)
-        cons = masked_consistency(softmax_mse(z_u, t_probs), mask, self.ctx.num_classes, self.cfg.compat_ln2)
+        per_pixel, extra = self.consistency_terms(z_u, t_probs, ub.image, step)   # plug-in weights multiply M
+        mask = mask.to(per_pixel.dtype) * extra
+        cons = masked_mean(per_pixel, mask, self.ctx.num_classes, self.cfg.compat_ln2)
         w = self.weight(step)
         return StepOutput(sup + w * cons, {"sup": sup.detach(), "cons": cons.detach(), "w": w,
                                            "mask": mask.float().mean()})

@@ -3,7 +3,6 @@ encoder level before decoding), all supervised by the weak-view pseudo-label (me
 
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 import torch
@@ -11,12 +10,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ssmis.data.strong import paste
-from ssmis.errors import UserError
 from ssmis.losses import ce_dice_loss
-from ssmis.losses.pseudo import pseudo_label
-from ssmis.methods.base import Batch, StepOutput
-from ssmis.methods.fixmatch import WeakStrongConfig, WeakToStrong
+from ssmis.methods.base import Batch, StepOutput, require_feature_perturbation
+from ssmis.methods.fixmatch import WeakStrongConfig, WeakToStrong, mix_targets
 from ssmis.registry import METHODS
 
 
@@ -46,25 +42,22 @@ class UniMatch(WeakToStrong):
 
     def build(self, ctx):
         super().build(ctx)
-        model = ctx.modules["student"]
-        if "perturb_features" not in inspect.signature(model.forward).parameters:
-            raise UserError("model.name", f"{type(model).__name__} exposes no encoder features (perturb_features)",
-                            "UniMatch's feature perturbation needs such a model, e.g. unet2d.")
+        require_feature_perturbation(ctx.modules["student"], "UniMatch's feature perturbation")
 
     def train_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
         c = self.cfg
         x_w, n = ub.image, lb.image.shape[0]
-        mix_labels, mix_keep = self.partner_targets(x_w)
-        x_s1, box1 = self.mixed_strong_view(x_w)
-        x_s2, box2 = self.mixed_strong_view(x_w)
+        mix = self.partner_targets(x_w, step)
+        x_s1, box1 = self.mixed_strong_view(x_w, step)
+        x_s2, box2 = self.mixed_strong_view(x_w, step)
         clean, perturbed = perturbed_forward(self.net, torch.cat([lb.image, x_w]), c.fp_dropout)
         z_l, z_w, z_fp = clean[:n], clean[n:], perturbed[n:]
         z_s1, z_s2 = self.net(torch.cat([x_s1, x_s2])).logits.chunk(2)
-        labels, keep = pseudo_label(z_w.detach().float().softmax(1), c.threshold)
+        own = self.pseudo_targets(z_w.detach().float().softmax(1), x_w, step)
         loss_x = ce_dice_loss(z_l, lb.label)
-        loss_s1 = self.unsup(z_s1, paste(labels, mix_labels, box1), paste(keep, mix_keep, box1))
-        loss_s2 = self.unsup(z_s2, paste(labels, mix_labels, box2), paste(keep, mix_keep, box2))
-        loss_fp = self.unsup(z_fp, labels, keep)
+        loss_s1 = self.unsup(z_s1, mix_targets(own, mix, box1), x_w, step)
+        loss_s2 = self.unsup(z_s2, mix_targets(own, mix, box2), x_w, step)
+        loss_fp = self.unsup(z_fp, own, x_w, step)
         loss = (loss_x + c.strong_weight / 2 * (loss_s1 + loss_s2) + c.fp_weight * loss_fp) / 2
         return StepOutput(loss, {"sup": loss_x.detach(), "unsup_s": ((loss_s1 + loss_s2) / 2).detach(),
-                                 "unsup_fp": loss_fp.detach(), "mask": keep.float().mean()})
+                                 "unsup_fp": loss_fp.detach(), "mask": own[1].float().mean()})
