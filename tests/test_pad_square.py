@@ -12,7 +12,7 @@ from torch import nn
 from ssmis.data.adapter import Adapter, DatasetInfo, Item
 from ssmis.data.dataset import build_slice_set
 from ssmis.data.resize import crop_box, pad_to_square
-from ssmis.eval.inference import predict_slicewise
+from ssmis.eval.inference import label_at_patch, predict_slicewise
 from ssmis.models.output import SegOutput
 
 
@@ -82,3 +82,34 @@ def test_prediction_returns_to_the_input_size_through_the_padding(upsample):
     vol = np.stack([img[0], img[0]])[None]                         # a 2-slice volume, C×D×H×W
     pred3 = predict_slicewise(Identity(), vol, (64, 64), image_order=1, pad_square=True, upsample=upsample)
     assert pred3.shape == (2, *lab.shape) and (pred3[0] == pred).all()
+
+
+def test_validation_at_the_patch_scores_the_mask_as_training_sees_it():
+    img, lab = disc_image()
+    kept = build_slice_set(OneImage(img, lab), [Item("a", "a", True, "a")], (64, 64), True, pad_square=True)
+    ref = label_at_patch(lab, (64, 64), pad_square=True)
+    np.testing.assert_array_equal(ref, kept.labels[0].numpy())          # the same mask as the training set's
+    pred = predict_slicewise(Identity(), img, (64, 64), image_order=0, pad_square=True, at_patch=True)
+    assert pred.shape == (64, 64) and (pred == ref).mean() > 0.99
+    vol_lab = np.stack([lab, lab, lab], axis=1)                          # H×D×W volume, slices along axis 1
+    vol = np.stack([img[0]] * 3, axis=1)[None]
+    pred3 = predict_slicewise(Identity(), vol, (64, 64), slice_axis=1, pad_square=True, at_patch=True)
+    ref3 = label_at_patch(vol_lab, (64, 64), slice_axis=1, pad_square=True)
+    assert pred3.shape == ref3.shape == (64, 3, 64) and (ref3[:, 1] == ref).all()
+
+
+def test_training_validates_at_the_patch_when_asked():
+    from conftest import small_config
+    from ssmis.engine.run import setup
+    from ssmis.eval.inference import dice_per_class, predict_case
+
+    for where, side in (("original", 32), ("patch", 16)):            # phantom slices are 32², the patch 16²
+        cfg = small_config("supervised", 4, f"train.val_at={where}", "data.patch_size=[16,16]")
+        trainer = setup(cfg, None, log=lambda m: None)
+        vc = trainer.val_cases[0]
+        assert vc.label.shape[-2:] == (side, side) and vc.image.shape[-2:] == (32, 32)
+        model = trainer.method.eval_model()
+        pred = predict_case(model, vc.image, cfg, trainer.device, trainer.precision, at_patch=where == "patch")
+        expected = float(np.nanmean(dice_per_class(pred, vc.label, 4)))
+        got = trainer.validate()
+        assert got == pytest.approx(expected) or (np.isnan(got) and np.isnan(expected))

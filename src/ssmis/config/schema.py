@@ -86,6 +86,9 @@ class TrainConfig(Section):
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip gradients to this norm (off by default).")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard extra).")
     val_max_cases: int | None = Field(None, ge=1, description="Validate on at most this many val cases (speed).")
+    val_at: Literal["original", "patch"] = Field("original", description="2D validation Dice at the case's own size "
+                                                 "(ACDC-lite) or at the patch size, against the label padded and "
+                                                 "resized like the training masks (HC18-lite: at 256x256).")
 
     @field_validator("amp", "channels_last", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from ssmis.engine.checkpoint import load_checkpoint
 from ssmis.engine.rundir import prepare_run_dir
 from ssmis.engine.trainer import MetricsLog, Trainer, TrainingDiverged, ValCase
 from ssmis.errors import UserError
+from ssmis.eval.inference import label_at_patch
 from ssmis.methods import BuildContext
 from ssmis.models import build_model
 from ssmis.plugins import build_plugins
@@ -109,7 +110,10 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
     val_cases = []
     for i in val_ids:
         s = adapter.load(by_id[i])
-        val_cases.append(ValCase(i, s["image"], s["label"]))
+        label = s["label"]
+        if t.val_at == "patch" and dims == 2:     # scored against the mask as training sees it
+            label = label_at_patch(label, patch, cfg.data.slice_axis, cfg.data.pad_square)
+        val_cases.append(ValCase(i, s["image"], label))
 
     def make_model():
         m = build_model(cfg.model, channels, num_classes).to(device)

@@ -111,6 +111,8 @@ class Trainer:
         self.best_step = -1
         self.nonfinite = 0
         self.history: list[tuple[int, float]] = []
+        # validation at the patch size (2D): the val labels were taken to the patch size once, in setup
+        self.val_at_patch = t.val_at == "patch" and len(self.cfg.data.patch_size) == 2
 
     # ---- batches -------------------------------------------------------------------------------
     def _batch(self, data: SliceSet | VolumeSet, stream: Stream, labeled: bool) -> Batch:
@@ -175,7 +177,7 @@ class Trainer:
         dices = {}
         mine = list(enumerate(self.val_cases))[self.dist.rank::self.dist.world]   # each rank scores its share
         for i, vc in mine:
-            pred = predict_case(model, vc.image, self.cfg, self.device, self.precision)
+            pred = predict_case(model, vc.image, self.cfg, self.device, self.precision, at_patch=self.val_at_patch)
             dices[i] = dice_per_class(pred, vc.label, self.ctx.num_classes)
         for part in dist.gather_objects(self.dist, dices):
             dices.update(part)

@@ -31,11 +31,12 @@ def eval_mode(*modules: nn.Module):
 def predict_slicewise(model: nn.Module, image: np.ndarray, patch: tuple[int, int], *, image_order: int = 0,
                       slice_axis: int = 0, batch_size: int = 16, device: torch.device = torch.device("cpu"),
                       channels_last: bool = False, autocast=contextlib.nullcontext, pad_square: bool = False,
-                      upsample: str = "labels") -> np.ndarray:
+                      upsample: str = "labels", at_patch: bool = False) -> np.ndarray:
     """`image` C×H×W or C×D×H×W -> int label map H×W or D×H×W at the input's size.
 
     pad_square: zero-pad each slice to a square before resizing (and crop the prediction back);
-    upsample: 'labels' (argmax at the patch, nearest-neighbour resize) or 'logits' (bilinear, then argmax)."""
+    upsample: 'labels' (argmax at the patch, nearest-neighbour resize) or 'logits' (bilinear, then argmax);
+    at_patch: return the argmax at the patch size instead (`label_at_patch` takes a reference there)."""
     volume = image.ndim == 4
     vol = np.moveaxis(image, 1 + slice_axis, 1) if volume else image[:, None]
     c, d, h, w = vol.shape
@@ -44,7 +45,7 @@ def predict_slicewise(model: nn.Module, image: np.ndarray, patch: tuple[int, int
         vol, box = pad_to_square(vol)
     full = vol.shape[-2:]
     batch = np.stack([resize2d(vol[:, k], patch, image_order) for k in range(d)]).astype(np.float32)
-    labels = np.empty((d, h, w), np.int64)
+    labels = np.empty((d, *patch) if at_patch else (d, h, w), np.int64)
     with eval_mode(model):
         for s in range(0, d, batch_size):
             x = torch.from_numpy(batch[s:s + batch_size]).to(device)
@@ -52,7 +53,9 @@ def predict_slicewise(model: nn.Module, image: np.ndarray, patch: tuple[int, int
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 logits = model(x).logits
-            if upsample == "logits":
+            if at_patch:
+                pred = logits.float().argmax(1).cpu().numpy()
+            elif upsample == "logits":
                 pred = F.interpolate(logits.float(), size=full, mode="bilinear", align_corners=False).argmax(1)
                 pred = crop_box(pred.cpu().numpy(), box)
             else:
@@ -60,6 +63,16 @@ def predict_slicewise(model: nn.Module, image: np.ndarray, patch: tuple[int, int
             for i, p in enumerate(pred):
                 labels[s + i] = p
     return np.moveaxis(labels, 0, slice_axis) if volume else labels[0]
+
+
+def label_at_patch(label: np.ndarray, patch: tuple[int, int], slice_axis: int = 0, pad_square: bool = False) -> np.ndarray:
+    """A reference label map H×W or D×H×W taken to the patch size as the training masks are (optionally padded to a
+    square, nearest-neighbour resize), slice-wise along `slice_axis`: what `at_patch` predictions are scored on."""
+    vol = np.moveaxis(label, slice_axis, 0) if label.ndim == 3 else label[None]
+    if pad_square:
+        vol, _ = pad_to_square(vol)
+    out = resize2d(vol, patch, 0)
+    return np.moveaxis(out, 0, slice_axis) if label.ndim == 3 else out[0]
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
@@ -73,9 +86,10 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.nd
     return out
 
 
-def predict_case(model: nn.Module, image: np.ndarray, cfg, device: torch.device, precision) -> np.ndarray:
+def predict_case(model: nn.Module, image: np.ndarray, cfg, device: torch.device, precision,
+                 at_patch: bool = False) -> np.ndarray:
     """Label map of one case at its own size: slice-wise for a 2D patch, sliding window for a 3D patch.
-    `cfg` is the RunConfig, `precision` an engine.amp.Precision."""
+    `cfg` is the RunConfig, `precision` an engine.amp.Precision; at_patch (2D): at the patch size instead."""
     patch = tuple(cfg.data.patch_size)
     autocast = lambda: precision.autocast(device)  # noqa: E731
     if len(patch) == 3:
@@ -85,4 +99,5 @@ def predict_case(model: nn.Module, image: np.ndarray, cfg, device: torch.device,
                               device=device, autocast=autocast)
     return predict_slicewise(model, image, patch, image_order=cfg.data.image_order, slice_axis=cfg.data.slice_axis,
                              batch_size=cfg.eval.batch_size, device=device, channels_last=precision.channels_last,
-                             autocast=autocast, pad_square=cfg.data.pad_square, upsample=cfg.eval.upsample)
+                             autocast=autocast, pad_square=cfg.data.pad_square, upsample=cfg.eval.upsample,
+                             at_patch=at_patch)
