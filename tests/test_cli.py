@@ -247,3 +247,19 @@ def test_data_split_writes_a_patient_level_split_and_never_overwrites(tmp_path, 
     before = out.read_text()
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--seed", "4"]) == 0 and out.read_text() != before
+
+
+def test_every_builtin_method_has_a_config_spelling_out_its_defaults():
+    from pathlib import Path
+
+    from ssmis.config import load_config
+    from ssmis.methods import method_config
+    from ssmis.registry import METHODS
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "methods"
+    builtin = [n for n in METHODS.list() if METHODS.get(n).__module__.startswith("ssmis.")]
+    assert {"supervised", "mean_teacher", "ua_mt", "cps", "fixmatch", "unimatch", "bcp", "abd"} <= set(builtin)
+    for name in builtin:
+        cfg = load_config(root / f"{name}.yaml")
+        assert cfg.method == method_config({"name": name}).model_dump(), name
+        assert cfg.data.layout == "ssl4mis_h5" and cfg.train.iterations == 2000        # ACDC-lite
