@@ -35,7 +35,7 @@ def suite_file(tmp_path, name="tiny", grid=None, **extra):
 def suite(tmp_path_factory):
     """The tiny suite (2 methods x 2 seeds, 20 steps) run once; returns (suite file, suite folder)."""
     tmp = tmp_path_factory.mktemp("bench")
-    path, out = suite_file(tmp), tmp / "out"
+    path, out = suite_file(tmp, ordering=True), tmp / "out"
     n = torch.get_num_threads()
     assert run_suite(path, out=out, progress=False) == 0
     torch.set_num_threads(n)
@@ -80,6 +80,10 @@ def test_suite_runs_every_cell_and_writes_the_report(suite):
     first = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
     table = [line for line in lines[first:] if line.startswith("| ")][: 1 + len(METHODS)]
     assert table[0].startswith("| method | labelled | seeds | Dice RV | Dice Myo | Dice LV |")
+    # methods.md's ordering check: rule 1 (mean_teacher ≥ supervised) over the 2 seeds of each
+    check = lines[lines.index("### Ordering check (methods.md, ACDC-lite)"):]
+    row = next(line for line in check if line.startswith("| 1 | mean_teacher @ "))
+    assert "≥ supervised @ " in row and "| 2/2 |" in row and ("holds" in row or "fails" in row)
     curves = lines[lines.index("### Validation Dice by step"):]
     assert next(line for line in curves if line.startswith("| cell |")) == "| cell | 10 | 20 |"
     assert sum(line.startswith(f"| {n} | ") for line in curves for n in names) == len(names)

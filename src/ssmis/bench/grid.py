@@ -44,6 +44,8 @@ class Suite(_Strict):
     out: str | None = Field(None, description="Suite folder, relative to the current directory (default runs/bench/<name>).")
     publish: str | None = Field(None, description="Also copy results.md, results.csv and the plots here (no checkpoints).")
     qualitative: QualitativeSpec = Field(default_factory=QualitativeSpec)
+    ordering: bool = Field(False, description="Add methods.md's ACDC-lite ordering check (rules 1-4, its tolerance "
+                           "rule) on the best-val test Dice to results.md.")
 
     @field_validator("grid")
     @classmethod

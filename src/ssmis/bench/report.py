@@ -296,6 +296,20 @@ def val_curves_table(runs: dict[str, Path]) -> list[str]:
     return lines
 
 
+def ordering_section(results: Sequence[RunResult]) -> list[str]:
+    """methods.md's ordering check on this suite's cells (best-val test Dice, means over the seeds run)."""
+    from ssmis.bench.ordering import check_ordering, ordering_table, summary
+
+    dice: dict[tuple[str, float], dict[int, float]] = {}
+    for r in results:
+        dice.setdefault((r.method, r.labeled), {})[r.cell.cfg.seed] = float(r.best["mean"]["dice"])
+    checks = check_ordering(dice)
+    return ["### Ordering check (methods.md, ACDC-lite)", "",
+            "\"A ≥ B\" fails when mean(A) < mean(B) − max(std_A, std_B, 1 Dice point); rules: 1 every semi-supervised "
+            "method ≥ labels only, 2 BCP/ABD/UniMatch ≥ MT/UA-MT/CPS, 3 each add-on ≥ its host, 4 more labels ≥ fewer. "
+            f"Result: {summary(checks)}.", "", *(ordering_table(checks) if checks else []), ""]
+
+
 def results_md(suite: Suite, suite_path: Path, cells: Sequence[Cell], results: Sequence[RunResult],
                names: dict[str, str], fair: list, plots: dict[str, Path], shown: list[str]) -> str:
     unit = _unit(results)
@@ -321,6 +335,8 @@ def results_md(suite: Suite, suite_path: Path, cells: Sequence[Cell], results: S
             if key == "qualitative" and shown:
                 lines += ["Slices: " + ", ".join(shown) + ". Columns: image, reference, each method's prediction "
                           "(Dice of the slice in the title).", ""]
+    if suite.ordering:
+        lines += ordering_section(results)
     table = val_curves_table({r.cell.name: r.cell.dir / "metrics.csv" for r in results})
     if table:
         lines += ["### Validation Dice by step", "", "Mean foreground Dice on the val split at each validation "
