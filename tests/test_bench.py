@@ -214,3 +214,34 @@ def test_every_shipped_suite_resolves(suite_path, tmp_path, capsys, monkeypatch)
     rel = str(suite_path.relative_to(suite_path.parents[1]))
     assert main(["bench", rel, "--dry-run", "--out", str(tmp_path / "out")]) == 0
     assert " cells in " in capsys.readouterr().out
+
+
+def test_readme_acdc_lite_table_matches_the_committed_results():
+    """Every number of the README's ACDC-lite table is the mean over the listed seeds of the committed results.csv
+    (cells finished later do not change the row until it lists their seed)."""
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[1]
+    names = {"supervised (labels only)": "supervised", "Mean Teacher": "mean_teacher", "UA-MT": "ua_mt", "CPS": "cps",
+             "FixMatch": "fixmatch", "UniMatch": "unimatch", "BCP": "bcp", "ABD (BCP host, UNet/UNet)": "abd"}
+    results = {}
+    for pct, lab in (("5", 68), ("10", 136)):
+        for r in read_csv(root / "benchmarks" / "results" / f"acdc_lite_{pct}pct" / "results.csv"):
+            if r["class"] == "mean":
+                results.setdefault((r["method"], f"{pct} %", r["checkpoint"]), []).append(r)
+    lines = (root / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("**ACDC-lite**"))
+    head = next(i for i in range(start, len(lines)) if lines[i].startswith("| method | labelled | seeds |"))
+    end = next(i for i in range(head + 2, len(lines)) if not lines[i].startswith("| "))
+    rows = lines[head + 2:end]
+    assert len(rows) == 16
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        method, pct, seeds = names[cells[0]], cells[1], {s.strip() for s in cells[2].split(",")}
+        best, last = ([r for r in results[(method, pct, ck)] if r["seed"] in seeds] for ck in ("best", "last"))
+        assert len(best) == len(last) == len(seeds), row
+        for text, rs, key in ((cells[3], best, "dice"), (cells[4], best, "jaccard"), (cells[5], best, "hd95_vox"),
+                              (cells[6], best, "asd_vox"), (cells[7], last, "dice")):
+            expected = np.mean([float(r[key]) for r in rs])
+            digits = len(text.split()[0].split(".")[1])
+            assert float(text.split()[0]) == pytest.approx(expected, abs=0.6 * 10 ** -digits), (row, key)
