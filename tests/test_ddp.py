@@ -18,6 +18,16 @@ TINY = ["data.phantom.size=32", "data.patch_size=[32,32]", "data.phantom.patient
         "train.eval_every=4", "train.ckpt_every=4", "method.name=mean_teacher"]
 
 
+def _leave_group() -> None:
+    """Both ranks meet, leave the group, and exit without interpreter finalisation: a gloo worker thread
+    finalised after Python's teardown aborted rank 1 once (SIGABRT, 'terminate called without an active
+    exception'). Called only after the worker's work succeeded, so failures still surface as exceptions."""
+    from ssmis.engine import dist
+
+    dist.shutdown()
+    os._exit(0)
+
+
 def _join_group(rank: int, world: int, store: str) -> None:
     """Set torchrun's environment and join the gloo group through a file store: no TCP port to pick, so no race
     with other processes for a port chosen free and then closed (torchrun's env:// path: test_torchrun_cli)."""
@@ -37,8 +47,10 @@ def _worker(rank: int, world: int, store: str, out: str, overrides: list[str], s
     cfg = load_config("phantom", overrides)
     try:
         train(cfg, out=out, progress=False, stop_after=stop_after, test_at_end=False)
-    finally:
+    except BaseException:
         tdist.destroy_process_group()
+        raise
+    _leave_group()
 
 
 def _run_world(tmp_path, world, overrides, stop_after):
@@ -79,8 +91,6 @@ def test_weights_identical_on_both_ranks(tmp_path):
 
 def _dump_worker(rank: int, world: int, store: str, tmp: str) -> None:
     _join_group(rank, world, store)
-    import torch.distributed as tdist
-
     from ssmis.engine import dist
     from ssmis.engine.run import setup
 
@@ -99,7 +109,7 @@ def _dump_worker(rank: int, world: int, store: str, tmp: str) -> None:
     flat["tau_per_step"] = torch.stack(taus)
     assert len(taus) == 6
     torch.save(flat, f"{tmp}/rank{rank}.pt")
-    tdist.destroy_process_group()
+    _leave_group()
 
 
 @pytest.mark.timeout(300)

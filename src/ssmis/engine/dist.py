@@ -44,6 +44,14 @@ def init(device_type: str) -> DistInfo:
     return info
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a torchrun job (every rank first reaches this point), so that
+    no gloo/NCCL worker thread outlives the interpreter (an abort at exit otherwise)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def check_batch(world: int, labeled_bs: int, unlabeled_bs: int) -> None:
     for key, bs in (("train.labeled_bs", labeled_bs), ("train.unlabeled_bs", unlabeled_bs)):
         if bs % world:

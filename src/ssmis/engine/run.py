@@ -224,4 +224,5 @@ def train_from_cli(config: str, overrides: list[str], out: str | None, resume: b
     except TrainingDiverged as e:
         print(f"ssmis: training stopped: {e}", file=sys.stderr)
         return 1
+    dist.shutdown()               # under torchrun: leave the process group before the interpreter exits
     return 0
