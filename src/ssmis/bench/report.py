@@ -335,7 +335,7 @@ def results_md(suite: Suite, suite_path: Path, cells: Sequence[Cell], results: S
             if key == "qualitative" and shown:
                 lines += ["Slices: " + ", ".join(shown) + ". Columns: image, reference, each method's prediction "
                           "(Dice of the slice in the title).", ""]
-    if getattr(suite, "ordering", False):      # getattr: a suite parsed by an older ssmis in the same process
+    if suite.ordering:
         lines += ordering_section(results)
     table = val_curves_table({r.cell.name: r.cell.dir / "metrics.csv" for r in results})
     if table:

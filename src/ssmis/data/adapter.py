@@ -95,10 +95,14 @@ def resolve_root(root: str | Path | None) -> Path | None:
     return p
 
 
-def _missing_root_hint() -> str:
+def _existing_root(root: Path, given: str | Path | None) -> Path:
+    """`root` (resolved from `given`) if it exists, else a user error naming the path as given."""
+    if root.exists():
+        return root
     env = os.environ.get(DATA_ENV)
-    return (f"Check the path (also looked under ${DATA_ENV}={env})." if env else
-            f"Check the path, or set ${DATA_ENV} to the folder that holds your datasets.")
+    raise UserError(str(given), "dataset root does not exist",
+                    f"Check the path (also looked under ${DATA_ENV}={env})." if env else
+                    f"Check the path, or set ${DATA_ENV} to the folder that holds your datasets.")
 
 
 def make_adapter(layout: str, root: str | Path | None, cfg: Any = None) -> Adapter:
@@ -110,17 +114,13 @@ def make_adapter(layout: str, root: str | Path | None, cfg: Any = None) -> Adapt
         if root is None:
             raise UserError("data.root", "no dataset root given",
                             f"Set data.root (or ${DATA_ENV}), or data.layout=phantom.")
-        if not root.exists():
-            raise UserError(str(given), "dataset root does not exist", _missing_root_hint())
-        layout = detect_layout(root)
+        layout = detect_layout(_existing_root(root, given))
     cls = LAYOUTS.get(layout, "data.layout")
     if not cls.needs_root:
         return cls(Path(given) if given is not None else None, cfg)
     if root is None:
         raise UserError("data.root", f"layout {layout!r} needs a dataset root", f"Set data.root=PATH (or ${DATA_ENV}).")
-    if not root.exists():
-        raise UserError(str(given), "dataset root does not exist", _missing_root_hint())
-    return cls(root, cfg)
+    return cls(_existing_root(root, given), cfg)
 
 
 def detect_layout(root: Path) -> str:

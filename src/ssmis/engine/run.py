@@ -21,7 +21,7 @@ from ssmis.engine.amp import resolve_precision
 from ssmis.atomic import atomic_write_text
 from ssmis.engine.checkpoint import load_checkpoint
 from ssmis.engine.rundir import prepare_run_dir
-from ssmis.engine.trainer import MetricsLog, Trainer, TrainingDiverged, ValCase
+from ssmis.engine.trainer import MetricsLog, Trainer, TrainingDiverged, ValCase, validates_at_patch
 from ssmis.errors import UserError
 from ssmis.eval.inference import label_at_patch
 from ssmis.methods import BuildContext
@@ -111,7 +111,7 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
     for i in val_ids:
         s = adapter.load(by_id[i])
         label = s["label"]
-        if t.val_at == "patch" and dims == 2:     # scored against the mask as training sees it
+        if validates_at_patch(cfg):               # scored against the mask as training sees it
             label = label_at_patch(label, patch, cfg.data.slice_axis, cfg.data.pad_square)
         val_cases.append(ValCase(i, s["image"], label))
 

@@ -111,8 +111,7 @@ class Trainer:
         self.best_step = -1
         self.nonfinite = 0
         self.history: list[tuple[int, float]] = []
-        # validation at the patch size (2D): the val labels were taken to the patch size once, in setup
-        self.val_at_patch = t.val_at == "patch" and len(self.cfg.data.patch_size) == 2
+        self.val_at_patch = validates_at_patch(self.cfg)     # the val labels were taken to the patch in setup
 
     # ---- batches -------------------------------------------------------------------------------
     def _batch(self, data: SliceSet | VolumeSet, stream: Stream, labeled: bool) -> Batch:
@@ -307,6 +306,11 @@ class Trainer:
         return {"step": self.step, "best_val_dice": self.best, "best_step": self.best_step,
                 "seconds": time.perf_counter() - start_time,
                 "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None}
+
+
+def validates_at_patch(cfg) -> bool:
+    """2D validation at the patch size (train.val_at=patch); 3D always validates at the case's own size."""
+    return cfg.train.val_at == "patch" and len(cfg.data.patch_size) == 2
 
 
 def _fmt(logs: dict) -> str:

@@ -82,13 +82,12 @@ class Method:
 
     def slot(self, name: str, value, **inputs):
         """Pass `value` through the plug-ins configured in slot `name` (unchanged when there are none)."""
-        plugins = self.ctx.plugins
-        if not plugins.by_slot[name]:
+        if not self.slot_active(name):
             return value
-        return plugins.apply(name, value, SlotInputs(**inputs))
+        return self.ctx.plugins.apply(name, value, SlotInputs(**inputs))
 
     def slot_active(self, name: str) -> bool:
-        return bool(self.ctx.plugins.by_slot[name])
+        return self.ctx.plugins.active(name)
 
     def build(self, ctx: BuildContext) -> None:
         raise NotImplementedError
