@@ -111,6 +111,8 @@ class Trainer:
         self.best_step = -1
         self.nonfinite = 0
         self.history: list[tuple[int, float]] = []
+        self.stage_best: dict | None = None  # best-validated state of the current handover stage (see Method)
+        self.ctx.copy_optimizer_state = self._copy_optimizer_state
         self.val_at_patch = validates_at_patch(self.cfg)     # the val labels were taken to the patch in setup
 
     # ---- batches -------------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class Trainer:
                     "cuda": dist.gather_objects(self.dist, torch.cuda.get_rng_state() if torch.cuda.is_available() else None)},
             "method_state": self.method.extra_state(),
             "history": [list(h) for h in self.history],
+            "stage_best": self.stage_best,
             **self.model_info,
         }
 
@@ -161,6 +164,7 @@ class Trainer:
         self.step, self.best, self.best_step = s["step"], s["best"], s["best_step"]
         self.nonfinite = int(s.get("nonfinite", 0))
         self.history = [tuple(h) for h in s.get("history", [])]
+        self.stage_best = s.get("stage_best")
 
     def _save(self, name: str) -> None:
         if self.run_dir is not None:
@@ -200,12 +204,45 @@ class Trainer:
 
     def _enter_stage(self, bounds: dict[str, int], resumed: bool) -> str:
         stage = self._stage_at(bounds, self.step)
+        if not resumed and self.step > 0:
+            self._hand_over(self._stage_at(bounds, self.step - 1))
         if not resumed and self.method.fresh_optimizer_per_stage and self.step > 0:
             self.opt.state.clear()                 # momentum buffers start afresh, as a new optimiser would
         self.method.on_stage_start(stage, resumed)
         if len(bounds) > 1:
             self.log_fn(f"stage {stage!r} from step {self.step}")
         return stage
+
+    # ---- stage hand-over: the next stage starts from the best-validated state of the previous one ----------
+    def _keep_if_best(self, stage: str, dice: float) -> None:
+        best = self.stage_best
+        if best is None or best["stage"] != stage or dice > best["dice"]:
+            self.stage_best = {"stage": stage, "step": self.step, "dice": dice,
+                               "modules": {n: _cpu_copy(m.state_dict()) for n, m in self.ctx.modules.items()},
+                               "optimizer": _cpu_copy(self.opt.state_dict())}
+
+    def _hand_over(self, previous: str) -> None:
+        if previous not in self.method.handover_stages():
+            return
+        best = self.stage_best
+        if best is None or best["stage"] != previous:
+            self.log_fn(f"stage {previous!r} was not validated: the next stage starts from its last weights")
+            return
+        for n, m in self.ctx.modules.items():
+            m.load_state_dict(best["modules"][n])
+        self.opt.load_state_dict(best["optimizer"])
+        self.log_fn(f"the next stage starts from the best {previous!r} state (step {best['step']}, val Dice "
+                    f"{best['dice']:.4f}); the best checkpoint is chosen among the new stage's validations")
+        self.best, self.best_step, self.stage_best = -math.inf, -1, None
+
+    def _copy_optimizer_state(self, src: str, dst: str) -> None:
+        """`dst`'s parameters get a copy of the optimiser state (momentum) of `src`'s, parameter by parameter."""
+        pairs = list(zip(self.ctx.modules[src].parameters(), self.ctx.modules[dst].parameters(), strict=True))
+        for ps, pd in pairs:
+            if ps in self.opt.state:
+                self.opt.state[pd] = {k: v.clone() if torch.is_tensor(v) else v for k, v in self.opt.state[ps].items()}
+            else:
+                self.opt.state.pop(pd, None)
 
     def _snapshot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(b, b.detach().clone()) for m in self.ctx.modules.values() for b in m.buffers()]
@@ -284,8 +321,12 @@ class Trainer:
             bar.update(1)
             if last_logs and progress and self.step % t.log_every == 0:
                 bar.set_postfix(loss=f"{float(last_logs['loss']):.4f}", lr=f"{lr:.2e}", refresh=False)
-            if healthy and self.val_cases and ((t.eval_every and self.step % t.eval_every == 0) or self.step == self.total):
+            stage_ends = self.step in bounds.values() and stage in self.method.handover_stages()
+            if healthy and self.val_cases and ((t.eval_every and self.step % t.eval_every == 0)
+                                               or self.step == self.total or stage_ends):
                 dice = self.validate()
+                if stage in self.method.handover_stages():
+                    self._keep_if_best(stage, dice)
                 self.history.append((self.step, dice))
                 if metrics:
                     metrics.write(self.step, stage, "val", {"dice": dice})
@@ -306,6 +347,17 @@ class Trainer:
         return {"step": self.step, "best_val_dice": self.best, "best_step": self.best_step,
                 "seconds": time.perf_counter() - start_time,
                 "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None}
+
+
+def _cpu_copy(obj):
+    """A deep copy of a (nested) state dict with every tensor cloned to the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
 
 
 def validates_at_patch(cfg) -> bool:

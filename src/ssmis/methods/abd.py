@@ -110,21 +110,25 @@ class ABD(BCP):
     def stage_fractions(self) -> tuple[float, ...]:
         return super().stage_fractions() if self.cfg.host == "bcp" else (1.0,)
 
+    def handover_stages(self) -> frozenset[str]:
+        return super().handover_stages() if self.cfg.host == "bcp" else frozenset()
+
     def start_selftrain(self) -> None:
-        """f1, f2 and the teacher all continue from the pre-trained f1 (f2's optimiser state starts empty:
-        the method cannot reach the engine's optimiser)."""
+        """f1, f2 and the teacher all continue from the pre-trained f1, f2 with f1's optimiser state too (ABD's
+        train_ACDC_BCP.py loads the pre-training checkpoint, optimiser included, into both students)."""
         super().start_selftrain()
         copy_weights(self.ctx.modules["student2"], self.ctx.modules["student"])
+        self.ctx.copy_optimizer_state("student", "student2")
 
     def train_step(self, lb: Batch, ub: Batch | None, step: int) -> StepOutput:
         if self.stage == "pretrain":
             return super().train_step(lb, ub, step)
         if self.cfg.host == "bcp":
-            return self._bcp_step(lb, ub)
+            return self._bcp_step(lb, ub, step)
         return self._cross_teaching_step(lb, ub, step)
 
     # -- BCP host --------------------------------------------------------------------------------------
-    def _bcp_step(self, lb: Batch, ub: Batch) -> StepOutput:
+    def _bcp_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
         cfg = self.cfg
         l_a, l_b, y_a, y_b, u_a, u_b = split_pairs(lb, ub)
         ls, ys = strong_view(lb.image, lb.label, cfg.cutout_p)
@@ -139,13 +143,17 @@ class ABD(BCP):
         z2 = torch.cat([m2.z_in, m2.z_out]).float()
         ps1, ps2 = cross_dice(z1, z2)
         # ABD-R on the two mixed stacks (weak for f1, strong for f2); both networks see all displaced images
-        d1, d2 = abd_r(torch.cat([m1.x_in, m1.x_out]), torch.cat([m2.x_in, m2.x_out]), z1, z2,
-                       cfg.grid, cfg.top_k, self.kl_prob)
+        d1, d2 = self.displace(torch.cat([m1.x_in, m1.x_out]), torch.cat([m2.x_in, m2.x_out]), z1, z2, step)
         xr = torch.cat([d1, d2])
         ps3, ps4 = cross_dice(self.student(xr).logits.float(), self.student2(xr).logits.float())
         cross = ps1 + ps2 + ps3 + ps4
         loss = m1.loss + m2.loss + cfg.cross_weight * cross
         return StepOutput(loss, {"mix1": m1.loss.detach(), "mix2": m2.loss.detach(), "cross": cross.detach()})
+
+    def displace(self, x1: Tensor, x2: Tensor, z1: Tensor, z2: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """BCP host: the displaced unlabelled images of the weak (x1, f1's logits z1) and strong (x2, f2's logits z2)
+        mixed stacks: ABD-R (CAD replaces it)."""
+        return abd_r(x1, x2, z1, z2, self.cfg.grid, self.cfg.top_k, self.kl_prob)
 
     # -- cross-teaching host ---------------------------------------------------------------------------
     def _cross_teaching_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:

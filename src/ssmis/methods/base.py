@@ -44,6 +44,8 @@ class BuildContext:
         self.plugins = plugins if plugins is not None else no_plugins()
         self.modules: dict[str, nn.Module] = {}
         self.trainable: list[str] = []
+        # set by the trainer: give module `dst`'s parameters the optimiser state of `src`'s (same architecture)
+        self.copy_optimizer_state: Callable[[str, str], None] = lambda src, dst: None
 
     def build_model(self) -> nn.Module:
         return self._make_model()
@@ -98,6 +100,13 @@ class Method:
     def stage_fractions(self) -> tuple[float, ...]:
         """Share of the run's steps per stage (same length as `stages`); budget-scaled, so the split holds at any T."""
         return (1.0,)
+
+    def handover_stages(self) -> frozenset[str]:
+        """Stages that hand their best-validated state to the next stage (BCP's pre-training). For these the
+        engine also validates at the stage's last step, keeps the best state (every module and the optimiser) in
+        the checkpoint, restores it when the next stage starts (before `on_stage_start`), and restarts the
+        best-checkpoint selection there, as the reference code selects among self-training steps only."""
+        return frozenset()
 
     def on_stage_start(self, stage: str, resumed: bool) -> None:
         """Called when a stage begins, and again (resumed=True) when a run is resumed inside it: state that a

@@ -150,6 +150,11 @@ class BCPConfig(MethodConfig):
                       "pseudo-labels (per slice in 2D), as the ACDC code.")
     fresh_optimizer: bool = Field(False, description="Start self-training with empty optimiser state (BCP-LA); "
                                   "the ACDC code restores the pre-training optimiser state (default).")
+    selftrain_from: Literal["best", "last"] = Field(
+        "best", description="Self-training starts from the best-validated pre-training state (networks and "
+        "optimiser, as the ACDC code loads its best pre-training checkpoint; the pre-training stage is also "
+        "validated at its last step) or from the last pre-training step. With 'best' the best checkpoint of the run "
+        "is chosen among the self-training validations only, as the reference.")
 
 
 @METHODS.register("bcp")
@@ -178,6 +183,9 @@ class BCP(Method):
     def stage_fractions(self) -> tuple[float, ...]:
         return (self.cfg.pretrain, 1.0 - self.cfg.pretrain)
 
+    def handover_stages(self) -> frozenset[str]:
+        return frozenset({"pretrain"}) if self.cfg.selftrain_from == "best" else frozenset()
+
     def on_stage_start(self, stage: str, resumed: bool) -> None:
         # A run resumed exactly at the first step of self-training has not started it yet, although the engine
         # says resumed=True: the checkpointed `_entered` tells (it falls back on `resumed` for old checkpoints).
@@ -188,7 +196,8 @@ class BCP(Method):
         self._entered = stage
 
     def start_selftrain(self) -> None:
-        """Student and teacher both continue from the pre-trained student."""
+        """Student and teacher both continue from the pre-trained student (the engine has restored the best
+        pre-training state, optimiser included, when `selftrain_from` is 'best')."""
         copy_weights(self.teacher.module, self.ctx.modules["student"])
 
     def train_step(self, lb: Batch, ub: Batch | None, step: int) -> StepOutput:
