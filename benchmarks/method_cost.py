@@ -4,6 +4,9 @@ validation; --config picks another setting (e.g. configs/acdc3d.yaml for 3D patc
 
 Usage: python benchmarks/method_cost.py [--config configs/acdc_lite.yaml] [--data ../shared/data/ACDC]
            [--iters 30] [--warmup 5] [--methods ...] [--record]
+A --methods entry is a registered method name or a method config file (configs/methods/metassl_mt.yaml: a method
+with its plug-ins), labelled by the file name; config files bring their own setting, which must match --config's
+patch and batch sizes.
 Multi-stage methods are timed in their last (most expensive) stage. images/s counts the training images (or 3D
 patches) a step draws: labelled + unlabelled, labelled only for methods that use no unlabelled data.
 """
@@ -29,8 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def seconds_per_iteration(method: str, data: str, iters: int, warmup: int, config: str = "configs/acdc_lite.yaml"
                           ) -> tuple[float, str, int]:
     total = 1000
-    cfg = load_config(ROOT / config, [f"data.root={data}", f"method.name={method}", f"train.iterations={total}",
-                                      "train.eval_every=0", "train.ckpt_every=100000"])
+    run = [f"data.root={data}", f"train.iterations={total}", "train.eval_every=0", "train.ckpt_every=100000"]
+    if method.endswith((".yaml", ".yml")):
+        cfg = load_config(ROOT / method, run)
+        base = load_config(ROOT / config)
+        if (cfg.data.patch_size, cfg.train.labeled_bs, cfg.train.unlabeled_bs) != (
+                base.data.patch_size, base.train.labeled_bs, base.train.unlabeled_bs):
+            raise SystemExit(f"{method}: patch or batch sizes differ from {config}")
+        method = cfg.method["name"]
+    else:
+        cfg = load_config(ROOT / config, [*run, f"method.name={method}"])
     trainer = setup(cfg, None, log=lambda m: None)
     trainer.val_cases = []
     start = max(trainer.stage_bounds().values())          # time the last stage
@@ -58,8 +69,9 @@ def main() -> None:
         methods = ["mean_teacher", *methods]
     times, images, precision = {}, {}, ""
     for m in methods:
-        times[m], precision, images[m] = seconds_per_iteration(m, a.data, a.iters, a.warmup, a.config)
-        print(f"{m:14s} {times[m]:.3f} s/it", flush=True)
+        label = Path(m).stem if m.endswith((".yaml", ".yml")) else m
+        times[label], precision, images[label] = seconds_per_iteration(m, a.data, a.iters, a.warmup, a.config)
+        print(f"{label:16s} {times[label]:.3f} s/it", flush=True)
     ref = times["mean_teacher"]
     rows = [f"| {m} | {t:.3f} | {images[m] / t:.2f} | {t / ref:.2f} |" for m, t in times.items()]
     cfg = load_config(ROOT / a.config)

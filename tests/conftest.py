@@ -84,3 +84,30 @@ def cli_run(tmp_path_factory):
         rc = main(args)
     torch.set_num_threads(n)
     return out, rc, err.getvalue()
+
+
+def assert_same(a, b, where=""):
+    """Nested checkpoint contents (dicts of tensors and plain values) are bitwise equal."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    else:
+        assert a == b, where
+
+
+def straight_and_resumed(cfg, tmp_path, stop: int) -> tuple[dict, dict, dict]:
+    """Train `cfg` straight and, in a second folder, `stop` steps then resume to the end. Returns the last
+    checkpoints (straight, resumed) and the resumed run's checkpoint at `stop`."""
+    from ssmis.engine.checkpoint import load_checkpoint
+    from ssmis.engine.run import train
+
+    train(cfg, out=tmp_path / "straight", progress=False, test_at_end=False)
+    train(cfg, out=tmp_path / "resumed", progress=False, stop_after=stop, test_at_end=False)
+    mid = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    train(cfg, out=tmp_path / "resumed", resume=True, progress=False, test_at_end=False)
+    torch.use_deterministic_algorithms(False)
+    return (load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt"),
+            load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt"), mid)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import random_batches, tiny_method
+from conftest import assert_same, random_batches, tiny_method
 from ssmis.config import load_config
 from ssmis.data.mixing import bidirectional_mix, box_mask
 from ssmis.engine.checkpoint import load_checkpoint
@@ -215,17 +215,6 @@ def exact(method: str, ckpt_every: int, *extra: str):
     # 8 steps, pre-training 0.25 -> self-training from step 2
     return load_config("phantom", [*SMALL, f"method.name={method}", "train.iterations=8",
                                    f"train.ckpt_every={ckpt_every}", *extra])
-
-
-def assert_same(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    else:
-        assert a == b, where
 
 
 def run_rows(run: Path):

@@ -95,19 +95,22 @@ def _dump_worker(rank: int, world: int, store: str, tmp: str) -> None:
     from ssmis.engine.run import setup
 
     torch.set_num_threads(1)
-    # with a stateful plug-in: its statistics are summed over the two processes each step, so the thresholds
-    # agree after every step (not only after the buffer averaging at checkpoints and at the end)
-    cfg = load_config("phantom", TINY + ["train.iterations=6", "train.eval_every=3", "plugins=[{name: class_threshold}]"])
+    # with stateful plug-ins: their statistics are summed over the two processes each step (class_threshold at
+    # step end, MetaSSL inside the step, before its regions), so the thresholds agree after every step (not only
+    # after the buffer averaging at checkpoints and at the end)
+    cfg = load_config("phantom", TINY + ["train.iterations=6", "train.eval_every=3",
+                                         "plugins=[{name: class_threshold}, {name: metassl}]"])
     dinfo = dist.init("cpu")
     trainer = setup(cfg, None, log=lambda m: None, dinfo=dinfo)
-    plugin, taus = trainer.ctx.plugins.items[0], []
-    step_end = plugin.on_step_end
-    plugin.on_step_end = lambda stats: (step_end(stats), taus.append(plugin.tau.clone()))
+    plugin, metassl, taus = trainer.ctx.plugins.items[0], trainer.ctx.plugins.items[1], []
+    after_step = trainer.method.after_step
+    trainer.method.after_step = lambda step: (after_step(step),
+                                              taus.append(torch.cat([plugin.tau, metassl.tau.flatten()])))
     trainer.fit(progress=False)
     flat = {f"{n}.{k}": v for n, m in trainer.ctx.modules.items() for k, v in m.state_dict().items()}
     flat["val"] = torch.tensor(trainer.history)
     flat["tau_per_step"] = torch.stack(taus)
-    assert len(taus) == 6
+    assert len(taus) == 6 and not (flat["tau_per_step"][:, 4:] == 0.9).all()
     torch.save(flat, f"{tmp}/rank{rank}.pt")
     _leave_group()
 

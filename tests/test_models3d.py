@@ -28,13 +28,21 @@ def test_shapes_and_features(name):
     model = make(name)
     assert model.spatial_dims == 3 and "features" in model.supports
     x = torch.randn(2, 2, *SHAPE)
+    last_stage_input = []
+    if name == "vnet":
+        model.dec[-1].register_forward_pre_hook(lambda m, args: last_stage_input.append(args[0].clone()))
     out = model(x, need_features=True)
     assert isinstance(out, SegOutput)
     assert out.logits.shape == (2, 3, *SHAPE)
     assert len(out.features) == 5
     for i, (f, w) in enumerate(zip(out.features, TINY)):          # shallow -> deep
         assert f.shape == (2, w, *(s >> i for s in SHAPE))
-    assert out.aux["high"] is out.features[-1]
+    if name == "vnet":                                            # M3HL's VNet_HL taps
+        assert torch.equal(out.aux["high"], torch.nn.functional.max_pool3d(out.features[-1], (1, 2, 1), stride=2))
+        assert out.aux["high"].shape == (2, TINY[-1], 1, 1, 1)
+        assert torch.equal(out.aux["low"], last_stage_input[0])      # x8_up = up(x7) + x1
+    else:
+        assert out.aux["high"] is out.features[-1]
     assert out.aux["low"].shape == (2, TINY[0], *SHAPE)
     plain = model(x)
     assert plain.features is None and plain.aux == {}

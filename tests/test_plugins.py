@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_batches, small_config, small_overrides, tiny_method
+from conftest import random_batches, small_config, small_overrides, straight_and_resumed, tiny_method
 from ssmis.config import load_config
 from ssmis.errors import UserError
 from ssmis.methods.bcp import BCP
@@ -226,25 +226,16 @@ def test_every_registered_plugin_names_a_real_slot():
 
     assert {"threshold", "class_threshold", "sharpen", "gaussian_noise", "feature_dropout"} <= set(PLUGINS.list())
     for n in PLUGINS.list():
-        assert PLUGINS.get(n).slot in SLOTS
+        assert PLUGINS.get(n).slot in SLOTS and set(PLUGINS.get(n).declared_slots()) <= set(SLOTS)
 
 
 # ---- through the engine -----------------------------------------------------------------------------------
 
 def test_plugin_state_is_checkpointed_and_resumes_exactly(tmp_path):
-    from ssmis.engine.checkpoint import load_checkpoint
-    from ssmis.engine.run import train
-
     over = small_overrides("mean_teacher", 6, "train.deterministic=true", "train.ckpt_every=3", "train.eval_every=3",
                            "plugins=[{name: class_threshold, init: 0.95}, {name: sharpen}]")
-    cfg = load_config("phantom", over)
-    train(cfg, out=tmp_path / "straight", progress=False, test_at_end=False)
-    train(cfg, out=tmp_path / "resumed", progress=False, stop_after=3, test_at_end=False)
-    mid = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["modules"]["plugins"]["items.0.tau"]
-    train(cfg, out=tmp_path / "resumed", resume=True, progress=False, test_at_end=False)
-    torch.use_deterministic_algorithms(False)
-    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["modules"]
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["modules"]
+    a, b, mid = straight_and_resumed(load_config("phantom", over), tmp_path, 3)
+    a, b, mid = a["modules"], b["modules"], mid["modules"]["plugins"]["items.0.tau"]
     assert not torch.allclose(a["plugins"]["items.0.tau"], torch.full((4,), 0.95))      # the thresholds moved
     assert not torch.equal(mid, a["plugins"]["items.0.tau"])                             # and kept moving
     assert torch.equal(a["plugins"]["items.0.tau"], b["plugins"]["items.0.tau"])
@@ -271,7 +262,7 @@ def test_readme_slot_table_matches_the_hosts():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     hosts = slot_hosts()
-    for slot in ("targets", "mask", "unsup_loss", "inputs", "features"):
+    for slot in ("targets", "mask", "unsup_loss", "labeled_loss", "inputs", "features"):
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{slot}` |"))
         listed = set(re.findall(r"`([a-z_]+)`", row.split("|")[3]))
         assert listed == set(hosts[slot]), (slot, listed, hosts[slot])

@@ -75,9 +75,10 @@ def _list(a) -> int:
         from ssmis.plugins import describe_plugins
 
         hosts = slot_hosts()
-        for name, slot, line in describe_plugins():
+        for name, slots, line in describe_plugins():
             if fnmatch.fnmatch(name, a.pattern):
-                print(f"{name:16s} {slot:10s} {line} Hosts: {', '.join(hosts.get(slot, [])) or 'none yet'}.")
+                first = slots.split("+")[0]            # the hosts of its first (main) slot
+                print(f"{name:16s} {slots:10s} {line} Hosts: {', '.join(hosts.get(first, [])) or 'none yet'}.")
         return 0
     import ssmis.data  # noqa: F401  (registers layouts)
     import ssmis.models  # noqa: F401  (registers models)

@@ -38,7 +38,9 @@ class QualitativeSpec(_Strict):
 
 class Suite(_Strict):
     name: str | None = Field(None, description="Suite name (default: the file name).")
-    base: str = Field(description="Base config: a YAML path relative to the suite file, or a preset name.")
+    base: str | None = Field(None, description="Base config: a YAML path relative to the suite file, or a preset "
+                             "name. Or give the grid key `base`: a list of such configs (method variants, e.g. "
+                             "configs/methods/metassl_mt.yaml), each a method row named by its file name.")
     grid: dict[str, list[Any]] = Field(description="Config key -> values; every combination is one run (cell).")
     set: dict[str, Any] = Field(default_factory=dict, description="Config key -> value for every cell (under the grid).")
     out: str | None = Field(None, description="Suite folder, relative to the current directory (default runs/bench/<name>).")
@@ -98,6 +100,9 @@ def load_suite(path: str | Path) -> Suite:
         suite = Suite.model_validate(raw)
     except ValidationError as err:
         raise validation_to_user_error(err, Suite, str(path)) from None
+    if (suite.base is None) == ("base" not in suite.grid):
+        raise UserError(f"{path}: base", "give the base config either as `base` or as the grid key `base`, once",
+                        "See benchmarks/acdc_lite_5pct_new.yaml for a grid over method configs.")
     both = sorted(set(suite.grid) & set(suite.set))
     if both:
         raise UserError(f"{path}: set.{both[0]}", "is also a grid key", "Give each key in `grid` or in `set`, not both.")
@@ -121,6 +126,16 @@ def nest(dotted: dict[str, Any], where: str) -> dict:
     return out
 
 
+def is_method_key(key: str) -> bool:
+    """Grid keys that choose the method (a row of the tables): method.* and `base` (a method config file)."""
+    return key == "base" or key.split(".")[0] == "method"
+
+
+def base_label(ref: str) -> str:
+    """The method label of a base config: its file name without .yaml (metassl_mt)."""
+    return Path(str(ref)).name.removesuffix(".yaml").removesuffix(".yml")
+
+
 def value_tag(value: Any) -> str:
     """A config value as a file-name-safe tag: [64, 64] -> 64x64, 0.5 -> 0.5, {name: bcp, ...} -> bcp."""
     if isinstance(value, dict):
@@ -134,12 +149,14 @@ def value_tag(value: Any) -> str:
 
 def _rank(key: str) -> int:
     """Order of the grid keys from slowest to fastest varying: seeds outermost, methods innermost."""
-    return 0 if key == "seed" else 2 if key == "split.labeled" else 3 if key.split(".")[0] == "method" else 1
+    return 0 if key == "seed" else 2 if key == "split.labeled" else 3 if is_method_key(key) else 1
 
 
 def cell_name(values: dict[str, Any]) -> str:
     """`mean_teacher-l136-s0`: the method, `l` + labelled count, other keys as `<last key part><value>`, `s` + seed."""
     def tag(key: str, v: Any) -> str:
+        if key == "base":
+            return value_tag(base_label(v))
         if key.split(".")[0] == "method":
             return value_tag(v)
         if key == "split.labeled":
@@ -152,9 +169,10 @@ def cell_name(values: dict[str, Any]) -> str:
     return "-".join(tag(k, values[k]) for k in keys)
 
 
-def _base_ref(suite: Suite, suite_path: Path) -> str:
-    local = suite_path.parent / suite.base
-    return os.path.normpath(local) if local.is_file() else suite.base
+def _base_ref(suite: Suite, suite_path: Path, base: str | None = None) -> str:
+    base = base if base is not None else suite.base
+    local = suite_path.parent / base
+    return os.path.normpath(local) if local.is_file() else base
 
 
 def suite_out(suite: Suite, suite_path: Path, out: str | Path | None) -> Path:
@@ -168,14 +186,13 @@ def build_cells(suite: Suite, suite_path: Path, out: Path) -> list[Cell]:
 
     keys = sorted(suite.grid, key=lambda k: (_rank(k), list(suite.grid).index(k)))
     common = nest(suite.set, f"{suite_path}: set")
-    base = _base_ref(suite, suite_path)
     cells: dict[str, Cell] = {}
     for combo in itertools.product(*(suite.grid[k] for k in keys)):
         values = {k: v for k, v in zip(keys, combo)}
         name = cell_name(values)
-        data = merge_config(common, nest(values, f"{suite_path}: grid"))
+        data = merge_config(common, nest({k: v for k, v in values.items() if k != "base"}, f"{suite_path}: grid"))
         try:
-            cfg = load_config(base, data=data)
+            cfg = load_config(_base_ref(suite, suite_path, values.get("base")), data=data)
         except UserError as e:
             raise UserError(f"{suite_path} (cell {name})", str(e).rstrip(".")) from None
         if name in cells:
@@ -340,7 +357,8 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int =
                         f"Cells: {', '.join(c.name for c in cells)} (see --dry-run).")
     if dry_run:
         width = max(len(c.name) for c in cells)
-        print(f"suite {suite.name or suite_path.stem}: {len(cells)} cells in {out_dir} (base {_base_ref(suite, suite_path)})")
+        print(f"suite {suite.name or suite_path.stem}: {len(cells)} cells in {out_dir} "
+              f"(base {_base_ref(suite, suite_path) if suite.base else 'per cell: grid key base'})")
         for c in cells:
             what = {"finished": "finished (skip)", "trained": "trained (evaluate)", "interrupted": "interrupted (resume)",
                     "started": "started, no checkpoint (restart)", "new": "new"}[states[c.name]]

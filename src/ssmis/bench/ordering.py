@@ -22,7 +22,8 @@ SUPERVISED = "supervised"
 FAMILY = ("bcp", "abd", "unimatch")
 CLASSIC = ("mean_teacher", "ua_mt", "cps")
 ADD_ONS = (("abd", "bcp"), ("m3hl", "bcp"), ("transmedseg", "bcp"), ("unimatch", "fixmatch"),
-           ("metassl_mt", "mean_teacher"), ("metassl_cps", "cps"), ("cad", "abd"))
+           ("metassl_mt", "mean_teacher"), ("metassl_cps", "cps"), ("metassl_fixmatch", "fixmatch"),
+           ("metassl_bcp", "bcp"), ("cad", "abd"))
 POINT = 0.01          # one Dice point on the 0-1 scale
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ssmis import __version__
 from ssmis.atomic import atomic_write_text
-from ssmis.bench.grid import CELL_RECORD, Cell, Suite, value_tag
+from ssmis.bench.grid import CELL_RECORD, Cell, Suite, base_label, is_method_key, value_tag
 from ssmis.data.splits import PARTS, Splits
 from ssmis.errors import UserError
 
@@ -35,6 +35,9 @@ class RunResult:
 
     @property
     def method(self) -> str:
+        """The method's name, or for a grid over method configs (`base`) the config's name (metassl_mt)."""
+        if "base" in self.cell.values:
+            return base_label(self.cell.values["base"])
         return str(self.cell.cfg.method["name"])
 
     @property
@@ -49,7 +52,7 @@ class RunResult:
     @property
     def block(self) -> tuple:
         """Rows compared with each other (bold best): same grid values apart from the method and the seed."""
-        return tuple(kv for kv in self.setting if kv[0].split(".")[0] != "method")
+        return tuple(kv for kv in self.setting if not is_method_key(kv[0]))
 
 
 def _json(path: Path) -> dict | None:
@@ -67,6 +70,14 @@ def load_results(cells: Sequence[Cell]) -> list[RunResult]:
     return out
 
 
+def protocol(cfg) -> dict:
+    """What cells compared in one table must share: the config without the method's own parts (method and plug-in
+    sections, the run name, the augmentation a method chooses)."""
+    d = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("method", "name", "plugins")}
+    d["train"] = {k: v for k, v in d["train"].items() if k != "augment"}
+    return d
+
+
 def check_fair(results: Sequence[RunResult]) -> list[tuple[tuple, list[str], str]]:
     """All methods of one setting (labelled count, seed, any other grid value) must share one split and a config
     that differs only in the method section.
@@ -79,11 +90,12 @@ def check_fair(results: Sequence[RunResult]) -> list[tuple[tuple, list[str], str
         groups.setdefault(key, []).append(r)
     out = []
     for key, rs in groups.items():
-        same = [{k: v for k, v in r.cell.cfg.model_dump(mode="json").items() if k not in ("method", "name")} for r in rs]
+        same = [protocol(r.cell.cfg) for r in rs]
         for r, c in zip(rs[1:], same[1:]):
             if c != same[0]:
                 raise UserError(str(r.cell.dir / "config.yaml"), f"differs from {rs[0].cell.dir / 'config.yaml'} in more "
-                                "than the method section", "Fix the suite: only grid keys may differ between cells.")
+                                "than the method (method, plugins, augmentation)",
+                                "Fix the suite: only grid keys may differ between cells.")
         lists = [tuple(tuple(getattr(r.splits, p)) for p in PARTS) for r in rs]
         for r, lst in zip(rs[1:], lists[1:]):
             if lst != lists[0]:
@@ -126,7 +138,7 @@ def _class_names(results: Sequence[RunResult]) -> dict[str, str]:
 # ---- results.csv -----------------------------------------------------------------------------------------------
 def results_csv(results: Sequence[RunResult], names: dict[str, str]) -> str:
     grid_keys = list(dict.fromkeys(k for r in results for k in r.cell.values))
-    cols = (["cell", "method", "labeled", "seed", *[k for k in grid_keys if k not in ("method.name", "split.labeled", "seed")],
+    cols = (["cell", "method", "labeled", "seed", *[k for k in grid_keys if k not in ("method.name", "base", "split.labeled", "seed")],
              "checkpoint", "step", "class", "class_name", *METRICS, "cases", "iterations", "s_per_it", "median_step_s", "peak_rss_mib",
              "precision"])
     buf = io.StringIO()
@@ -135,7 +147,7 @@ def results_csv(results: Sequence[RunResult], names: dict[str, str]) -> str:
     for r in results:
         rec = r.record or {}
         common = {"cell": r.cell.name, "method": r.method, "labeled": f"{r.labeled:g}", "seed": r.cell.cfg.seed,
-                  **{k: value_tag(v) for k, v in r.cell.values.items() if k not in ("method.name", "split.labeled", "seed")},
+                  **{k: value_tag(v) for k, v in r.cell.values.items() if k not in ("method.name", "base", "split.labeled", "seed")},
                   "iterations": r.cell.cfg.train.iterations, "s_per_it": rec.get("s_per_it"),
                   "median_step_s": rec.get("median_step_s"), "peak_rss_mib": rec.get("peak_rss_mib"), "precision": r.train.get("precision")}
         for ck, summ in (("best", r.best), ("last", r.last)):
@@ -190,7 +202,7 @@ def _table(results: Sequence[RunResult], names: dict[str, str], unit: str) -> li
     for r in results:
         rows.setdefault(r.setting, []).append(r)
     extra = list(dict.fromkeys(k for r in results for k in r.cell.values
-                               if k not in ("seed", "split.labeled") and k.split(".")[0] != "method"))
+                               if k not in ("seed", "split.labeled") and not is_method_key(k)))
     cols = _columns(results, names, unit)
     head = ["method", "labelled", *extra, "seeds", *[c.title for c in cols]]
     cells: dict[tuple, list] = {}

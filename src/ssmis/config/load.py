@@ -101,14 +101,15 @@ def _model_at(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
 def validation_to_user_error(err: ValidationError, root: type[BaseModel], source: str, prefix: str = "") -> UserError:
     e = err.errors()[0]
     loc = tuple(e["loc"])
-    key = prefix + ".".join(str(p) for p in loc)
+    key = (prefix + ".".join(str(p) for p in loc)).rstrip(".")     # a model-level check has no field location
     if e["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1], root)
         names = list(parent.model_fields) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), names, n=1)
         todo = f"Did you mean {close[0]!r}?" if close else (f"Valid keys: {', '.join(names)}." if names else "Remove it.")
         return UserError(f"{source}: {key}", "unknown key", todo)
-    return UserError(f"{source}: {key}", e["msg"].rstrip("."), "Fix the value (see `ssmis config show`).")
+    return UserError(f"{source}: {key}", e["msg"].removeprefix("Value error, ").rstrip("."),
+                     "Fix the value (see `ssmis config show`).")
 
 
 def load_config(ref: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -9,7 +9,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from ssmis.plugins.base import PluginSet, SlotInputs, no_plugins
+from ssmis.plugins.base import PluginSet, SlotInputs, no_plugins, reduce_pixels
+
+# what a host passes to the `labeled_loss` slot (the labelled images' logits, a reference prediction, the labels)
+LABELED_INPUTS = frozenset({"teacher_probs", "student_logits", "student_probs", "labels", "step", "network"})
 
 
 class MethodConfig(BaseModel):
@@ -90,6 +93,19 @@ class Method:
 
     def slot_active(self, name: str) -> bool:
         return self.ctx.plugins.active(name)
+
+    def labeled_term(self, logits: Tensor, reference_probs: Tensor | None, labels: Tensor, step: int,
+                     network: int = 0, pixel_weights: Tensor | None = None) -> Tensor:
+        """The extra labelled loss of the `labeled_loss` slot (0 without plug-ins there): its plug-ins turn zeros
+        into a per-pixel loss on the labelled images, reduced as Σ pixel_weights·value (default: the mean).
+        `reference_probs` is the reference prediction on the same images (teacher, other network)."""
+        if not self.slot_active("labeled_loss"):
+            return torch.zeros((), device=logits.device)
+        value = self.slot("labeled_loss", torch.zeros(labels.shape, device=logits.device),
+                          teacher_probs=reference_probs, student_logits=logits,
+                          student_probs=logits.detach().float().softmax(1), labels=labels, step=step,
+                          network=network, pixel_weights=pixel_weights)
+        return reduce_pixels(value, pixel_weights)
 
     def build(self, ctx: BuildContext) -> None:
         raise NotImplementedError

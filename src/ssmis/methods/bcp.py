@@ -23,7 +23,8 @@ from ssmis.engine.ema import EMA
 from ssmis.eval.postprocess import largest_component_per_class as largest_component
 from ssmis.errors import UserError
 from ssmis.losses import dice_loss
-from ssmis.methods.base import Batch, Method, MethodConfig, StepOutput
+from ssmis.methods.base import LABELED_INPUTS, Batch, Method, MethodConfig, StepOutput
+from ssmis.plugins.base import reduce_pixels
 from ssmis.registry import METHODS
 
 MASKED_DICE_SMOOTH = 1e-10   # BCP code/utils/losses.py `_dice_mask_loss` (methods.md "Losses")
@@ -128,6 +129,12 @@ def mixed_step(net: nn.Module, l_a: Tensor, l_b: Tensor, u_a: Tensor, u_b: Tenso
     return MixedStep((dice + ce) / 2, dice, ce, x_in, x_out, z_in, z_out)
 
 
+def per_half_region_weights(region: Tensor) -> Tensor:
+    """region / (its pixel count in each half of the batch): Σ weights·ℓ = mean over the first half's region + mean
+    over the second half's (BCP's two mixed batches X_in and X_out, each reduced over its own region)."""
+    return torch.cat([h / (h.sum() + 1e-16) for h in region.chunk(2)])
+
+
 def copy_weights(dst: nn.Module, src: nn.Module) -> None:
     """dst <- src, parameters and buffers (BN statistics included)."""
     with torch.no_grad():
@@ -169,8 +176,15 @@ class BCP(Method):
                                                         "(the reference code saves and tests the student).")
 
     stages = ("pretrain", "selftrain")
-    # plug-ins: `targets` refines the teacher's probabilities on the unlabelled images before argmax and LCC
-    provides = {"targets": frozenset({"teacher_probs", "image", "step"})}
+    # plug-ins (self-training): `targets` refines the teacher's probabilities on the unlabelled images before argmax
+    # and LCC; `unsup_loss` gets the per-pixel CE of both mixed images against the pseudo-labels (network = 1, the
+    # teacher), `pixel_weights` = 1/|region| on each image's pseudo-labelled region, so the plain reduction is BCP's
+    # own sum of two region means; `labeled_loss` adds a term on the labelled regions (reference = the teacher's
+    # prediction of the labelled images, network = 0).
+    provides = {"targets": frozenset({"teacher_probs", "image", "step"}),
+                "unsup_loss": frozenset({"teacher_probs", "student_logits", "student_probs", "image", "step", "network",
+                                         "pseudo_labels", "pixel_weights"}),
+                "labeled_loss": LABELED_INPUTS | {"pixel_weights"}}
 
     def build(self, ctx):
         self.fresh_optimizer_per_stage = self.cfg.fresh_optimizer
@@ -204,11 +218,48 @@ class BCP(Method):
         if self.stage == "pretrain":
             return pretrain_step(self.student, lb, self.cfg.mask_ratio)
         l_a, l_b, y_a, y_b, u_a, u_b = split_pairs(lb, ub)
+        if self.slot_active("unsup_loss") or self.slot_active("labeled_loss"):
+            return self.slotted_step(l_a, l_b, y_a, y_b, u_a, u_b, step)
         p_a = pseudo_labels(self.teacher, u_a, self.cfg.lcc, self.targets_slot(u_a, step))
         p_b = pseudo_labels(self.teacher, u_b, self.cfg.lcc, self.targets_slot(u_b, step))
         mask = box_mask(l_a.shape[2:], self.cfg.mask_ratio, l_a.device)
         m = mixed_step(self.student, l_a, l_b, u_a, u_b, y_a, y_b, p_a, p_b, mask, self.cfg.u_weight)
         return StepOutput(m.loss, {"mix_dice": m.dice.detach(), "mix_ce": m.ce.detach()})
+
+    def slotted_step(self, l_a: Tensor, l_b: Tensor, y_a: Tensor, y_b: Tensor, u_a: Tensor, u_b: Tensor,
+                     step: int) -> StepOutput:
+        """The self-training step with its CE terms through the unsup_loss / labeled_loss slots: the same
+        forwards and Dice terms; with identity plug-ins the loss equals `mixed_step`'s."""
+        cfg = self.cfg
+        with torch.no_grad():
+            probs = [self.teacher(u).logits.float().softmax(1) for u in (u_a, u_b)]     # one forward each
+            probs = [self.slot("targets", p, teacher_probs=p, image=u, step=step) for p, u in zip(probs, (u_a, u_b))]
+            pred = torch.cat([p.argmax(1) for p in probs])
+            p_u = largest_component_per_class(pred, probs[0].shape[1]) if cfg.lcc else pred
+        p_a, p_b = p_u.chunk(2)
+        mask = box_mask(l_a.shape[2:], cfg.mask_ratio, l_a.device)
+        m = mixed_step(self.student, l_a, l_b, u_a, u_b, y_a, y_b, p_a, p_b, mask, cfg.u_weight)
+        z = torch.cat([m.z_in, m.z_out]).float()
+        m_out = mask.expand(y_a.shape).float()
+        # pixels of each image's unlabelled (u_a outside the box in X_in, u_b inside in X_out) and labelled regions
+        region_u = torch.cat([m_out, 1 - m_out])
+        region_l = 1 - region_u
+        w_u = per_half_region_weights(region_u)
+        w_l = per_half_region_weights(region_l)
+        ce_u = F.cross_entropy(z, p_u.long(), reduction="none")
+        ce_u = self.slot("unsup_loss", ce_u, teacher_probs=torch.cat(probs), student_logits=z,
+                         student_probs=z.detach().softmax(1), image=torch.cat([u_a, u_b]), step=step, network=1,
+                         pseudo_labels=p_u, pixel_weights=w_u)
+        y = torch.cat([y_a, y_b]).long()
+        ce_l = (w_l * F.cross_entropy(z, y, reduction="none")).sum()
+        ce = cfg.u_weight * reduce_pixels(ce_u, w_u) + ce_l
+        extra = z.new_zeros(())
+        if self.slot_active("labeled_loss"):
+            with torch.no_grad():
+                t_l = torch.cat([self.teacher(x).logits.float().softmax(1) for x in (l_a, l_b)])
+            extra = self.labeled_term(z, t_l, y, step, network=0, pixel_weights=w_l)
+        loss = (m.dice + ce + extra) / 2          # the labelled extra sits beside BCP's CE terms
+        return StepOutput(loss, {"mix_dice": m.dice.detach(), "mix_ce": ce.detach(), "labeled_extra": extra.detach()})
 
     def targets_slot(self, image: Tensor, step: int) -> Callable[[Tensor], Tensor] | None:
         if not self.slot_active("targets"):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ssmis.errors import UserError
 from ssmis.losses import ce_dice_loss
-from ssmis.methods.base import Batch, Method, MethodConfig, StepOutput
+from ssmis.methods.base import LABELED_INPUTS, Batch, Method, MethodConfig, StepOutput
 from ssmis.registry import METHODS
 from ssmis.schedules import sigmoid_ramp
 
@@ -45,17 +45,19 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return len(pa) == len(pb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb))
 
 
-SLOT_INPUTS = frozenset({"teacher_probs", "student_logits", "student_probs", "image", "step"})
+SLOT_INPUTS = frozenset({"teacher_probs", "student_logits", "student_probs", "image", "step", "network"})
 
 
 @METHODS.register("cps")
 class CPS(Method):
     """CPS: two differently initialised networks supervise each other with hard pseudo-labels (net 1 reported).
 
-    Plug-in slots, once per direction (the other network plays the teacher): `targets` (its probabilities, before
-    the argmax), `mask` (per-pixel weights of the cross term) and `unsup_loss` (the per-pixel CE)."""
+    Plug-in slots, once per direction (the other network plays the teacher; `network` = its index, 0 = net 1):
+    `targets` (its probabilities, before the argmax), `mask` (per-pixel weights of the cross term) and `unsup_loss`
+    (the per-pixel CE); and once per network `labeled_loss` (an extra labelled term weighted like the cross term,
+    reference = the other network's prediction)."""
 
-    provides = {"targets": SLOT_INPUTS, "mask": SLOT_INPUTS, "unsup_loss": SLOT_INPUTS}
+    provides = {"targets": SLOT_INPUTS, "mask": SLOT_INPUTS, "unsup_loss": SLOT_INPUTS, "labeled_loss": LABELED_INPUTS}
 
     class Config(MethodConfig):
         name: Literal["cps"] = "cps"
@@ -96,8 +98,12 @@ class CPS(Method):
         x = torch.cat([lb.image, ub.image])        # one forward per net over labelled + unlabelled (BN as reference)
         z1, z2 = self.net1(x).logits, self.net2(x).logits
         sup1, sup2 = ce_dice_loss(z1[:n], lb.label), ce_dice_loss(z2[:n], lb.label)
-        cps1 = self.cross_term(z1[n:], z2[n:], ub.image, step)    # net 1 learns from net 2's argmax
-        cps2 = self.cross_term(z2[n:], z1[n:], ub.image, step)
+        cps1 = self.cross_term(z1[n:], z2[n:], ub.image, step, 1)    # net 1 learns from net 2's argmax
+        cps2 = self.cross_term(z2[n:], z1[n:], ub.image, step, 0)
+        if self.slot_active("labeled_loss"):
+            p1, p2 = (z[:n].detach().float().softmax(1) for z in (z1, z2))
+            cps1 = cps1 + self.labeled_term(z1[:n], p2, lb.label, step, network=0)
+            cps2 = cps2 + self.labeled_term(z2[:n], p1, lb.label, step, network=1)
         w = self.weight(step)
         loss = sup1 + sup2 + w * (cps1 + cps2)
         with torch.no_grad():
@@ -105,13 +111,13 @@ class CPS(Method):
         return StepOutput(loss, {"sup1": sup1.detach(), "sup2": sup2.detach(), "cps1": cps1.detach(),
                                  "cps2": cps2.detach(), "w": w, "agree": agree})
 
-    def cross_term(self, z: Tensor, z_other: Tensor, image: Tensor, step: int) -> Tensor:
+    def cross_term(self, z: Tensor, z_other: Tensor, image: Tensor, step: int, other: int) -> Tensor:
         """CE(z, argmax z_other), through the targets, unsup_loss and mask slots when plug-ins are configured."""
         if not len(self.ctx.plugins):
             return cross_pseudo_loss(z, z_other)
         probs = z_other.detach().float().softmax(1)
         inp = dict(teacher_probs=probs, student_logits=z, student_probs=z.detach().float().softmax(1), image=image,
-                   step=step)
+                   step=step, network=other)
         targets = self.slot("targets", probs, **inp)
         inp["teacher_probs"] = targets
         ce = self.slot("unsup_loss", F.cross_entropy(z.float(), targets.argmax(1), reduction="none"), **inp)

@@ -14,7 +14,7 @@ from torch import Tensor
 from ssmis.data.strong import cutmix_box, paste, strong_view
 from ssmis.losses import ce_dice_loss
 from ssmis.losses.pseudo import pseudo_label, pseudo_label_loss
-from ssmis.methods.base import Batch, Method, MethodConfig, StepOutput
+from ssmis.methods.base import LABELED_INPUTS, Batch, Method, MethodConfig, StepOutput
 from ssmis.registry import METHODS
 
 
@@ -61,13 +61,14 @@ class WeakToStrong(Method):
 
     Plug-in slots: `inputs` (each strong view), `targets` (the weak-view probabilities, before the pseudo-label),
     `mask` (the confidence mask as weights; the built-in τ still applies, method.threshold=0 turns it off) and,
-    with method.unsup_loss=ce, `unsup_loss` (the per-pixel CE against the pseudo-labels)."""
+    with method.unsup_loss=ce, `unsup_loss` (the per-pixel CE against the pseudo-labels; network = 0, the weak
+    view of the same network is the reference)."""
 
     default_augment = "bcp"                # the BCP-variant RandomGenerator (methods.md, Augmentation)
 
     spatial_dims = frozenset({2})
     provides = {"inputs": frozenset({"image", "step"}), "targets": TARGET_INPUTS, "mask": TARGET_INPUTS,
-                "unsup_loss": TARGET_INPUTS | {"student_logits", "student_probs"}}
+                "unsup_loss": TARGET_INPUTS | {"student_logits", "student_probs", "network", "pseudo_labels"}}
 
     def slots(self) -> dict[str, frozenset[str]]:
         out = super().slots()
@@ -136,7 +137,8 @@ class WeakToStrong(Method):
             return pseudo_label_loss(logits, labels, keep, self.cfg.unsup_loss)
         ce = F.cross_entropy(logits.float(), labels.long(), reduction="none")
         ce = self.slot("unsup_loss", ce, teacher_probs=probs, student_logits=logits,
-                       student_probs=logits.detach().float().softmax(1), image=x_w, step=step)
+                       student_probs=logits.detach().float().softmax(1), image=x_w, step=step, network=0,
+                       pseudo_labels=labels)
         return (ce * keep.to(ce.dtype)).sum() / ce.numel()
 
 
@@ -152,6 +154,10 @@ class FixMatch(WeakToStrong):
     class Config(WeakStrongConfig):
         name: Literal["fixmatch"] = "fixmatch"
 
+    # labeled_loss: an extra labelled term added to the unlabelled loss; reference = the network's own prediction
+    # of the labelled images (one network, one view of them: every labelled pixel is "unanimous")
+    provides = {**WeakToStrong.provides, "labeled_loss": LABELED_INPUTS}
+
     def train_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
         x_w, n = ub.image, lb.image.shape[0]
         mix = self.partner_targets(x_w, step)
@@ -162,5 +168,6 @@ class FixMatch(WeakToStrong):
         own = self.pseudo_targets(z_w.detach().float().softmax(1), x_w, step)
         loss_x = ce_dice_loss(z_l, lb.label)
         loss_u = self.unsup(z_s, mix_targets(own, mix, box), x_w, step)
+        loss_u = loss_u + self.labeled_term(z_l, z_l.detach().float().softmax(1), lb.label, step)
         return StepOutput((loss_x + loss_u) / 2, {"sup": loss_x.detach(), "unsup": loss_u.detach(),
                                                   "mask": own[1].float().mean()})

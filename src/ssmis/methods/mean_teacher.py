@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ssmis.engine.ema import EMA
 from ssmis.losses import ce_dice_loss, softmax_mse
-from ssmis.methods.base import Batch, Method, MethodConfig, StepOutput, require_feature_perturbation, teacher_noise
+from ssmis.methods.base import (LABELED_INPUTS, Batch, Method, MethodConfig, StepOutput, require_feature_perturbation,
+                                teacher_noise)
 from ssmis.registry import METHODS
 from ssmis.schedules import sigmoid_ramp
 
@@ -27,6 +28,8 @@ class ConsistencyConfig(MethodConfig):
                                "default 1000/30000 in 2D, none in 3D (as the reference code).")
     eval_net: Literal["student", "teacher"] = Field("student", description="Network validated and exported "
                                                     "(the reference code evaluates the student).")
+    teacher_noise: bool = Field(True, description="Teacher input = unlabelled images + clip(N(0, 0.1²), ±0.2) "
+                                "(SSL4MIS); false = the same images as the student (MetaSSL's MT script).")
 
 
 def consistency_weight(cfg: ConsistencyConfig, step: int, total: int, spatial_dims: int) -> float:
@@ -37,7 +40,7 @@ def consistency_weight(cfg: ConsistencyConfig, step: int, total: int, spatial_di
     return cfg.lambda_u * sigmoid_ramp(step // cfg.epoch_len, cfg.rampup * total / cfg.epoch_len)
 
 
-SLOT_INPUTS = frozenset({"teacher_probs", "student_logits", "student_probs", "image", "step"})
+SLOT_INPUTS = frozenset({"teacher_probs", "student_logits", "student_probs", "image", "step", "network"})
 
 
 class TeacherStudent(Method):
@@ -45,10 +48,12 @@ class TeacherStudent(Method):
 
     Plug-in slots: `inputs` (the student's unlabelled images), `features` (the student's encoder maps of the
     unlabelled images), `targets` (the teacher's probabilities), `mask` (per-pixel weights of the consistency)
-    and `unsup_loss` (the per-pixel consistency)."""
+    and `unsup_loss` (the per-pixel consistency), all with network = 1 (the teacher is the reference); and
+    `labeled_loss` (an extra labelled term weighted like the consistency; reference = the teacher's prediction of
+    the labelled images, network = 0)."""
 
     provides = {"inputs": frozenset({"image", "step"}), "features": frozenset({"step"}), "targets": SLOT_INPUTS,
-                "mask": SLOT_INPUTS, "unsup_loss": SLOT_INPUTS}
+                "mask": SLOT_INPUTS, "unsup_loss": SLOT_INPUTS, "labeled_loss": LABELED_INPUTS}
 
     def build(self, ctx):
         self.student = ctx.add("student", ctx.build_model(), trainable=True)
@@ -57,7 +62,8 @@ class TeacherStudent(Method):
             require_feature_perturbation(ctx.modules["student"], "A `features` plug-in", "plugins")
 
     def forward_both(self, lb: Batch, ub: Batch, step: int):
-        """Supervised loss and the student's unlabelled logits from one forward (after the inputs/features slots)."""
+        """Supervised loss, the student's labelled and unlabelled logits from one forward (after the inputs and
+        features slots)."""
         n = lb.image.shape[0]
         x_u = self.slot("inputs", ub.image, image=ub.image, step=step)
         x = torch.cat([lb.image, x_u])
@@ -68,7 +74,19 @@ class TeacherStudent(Method):
             logits = self.student(x, perturb_features=perturb).logits
         else:
             logits = self.student(x).logits
-        return ce_dice_loss(logits[:n], lb.label), logits[n:]
+        return ce_dice_loss(logits[:n], lb.label), logits[:n], logits[n:]
+
+    def teacher_input(self, image: Tensor) -> Tensor:
+        return teacher_noise(image) if self.cfg.teacher_noise else image
+
+    @torch.no_grad()
+    def teacher_probs(self, lb: Batch, ub: Batch) -> tuple[Tensor | None, Tensor]:
+        """Teacher probabilities of the labelled images (only when the labeled_loss slot needs them: one forward
+        over labelled + unlabelled, as MetaSSL's MT script) and of the unlabelled images."""
+        if not self.slot_active("labeled_loss"):
+            return None, self.teacher(self.teacher_input(ub.image)).logits.float().softmax(1)
+        probs = self.teacher(torch.cat([lb.image, self.teacher_input(ub.image)])).logits.float().softmax(1)
+        return probs[:lb.image.shape[0]], probs[lb.image.shape[0]:]
 
     def consistency_terms(self, z_u: Tensor, t_probs: Tensor, image: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """(per-pixel squared probability difference averaged over classes B×S, per-pixel weights B×S or a
@@ -76,7 +94,7 @@ class TeacherStudent(Method):
         inp = {}
         if len(self.ctx.plugins):
             inp = dict(teacher_probs=t_probs, student_logits=z_u, student_probs=z_u.float().softmax(1).detach(),
-                       image=image, step=step)
+                       image=image, step=step, network=1)
         targets = self.slot("targets", t_probs, **inp)
         if inp:
             inp["teacher_probs"] = targets
@@ -102,10 +120,10 @@ class MeanTeacher(TeacherStudent):
         name: Literal["mean_teacher"] = "mean_teacher"
 
     def train_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
-        sup, z_u = self.forward_both(lb, ub, step)
-        with torch.no_grad():
-            t_probs = self.teacher(teacher_noise(ub.image)).logits.float().softmax(1)
-        per_pixel, mask = self.consistency_terms(z_u, t_probs, ub.image, step)
+        sup, z_l, z_u = self.forward_both(lb, ub, step)
+        t_l, t_u = self.teacher_probs(lb, ub)
+        per_pixel, mask = self.consistency_terms(z_u, t_u, ub.image, step)
         cons = (mask * per_pixel).mean()          # a mask plug-in zeroes pixels; they still count (FixMatch's CE)
+        cons = cons + self.labeled_term(z_l, t_l, lb.label, step)
         w = self.weight(step)
         return StepOutput(sup + w * cons, {"sup": sup.detach(), "cons": cons.detach(), "w": w})

@@ -60,14 +60,15 @@ class UAMT(TeacherStudent):
         compat_ln2: bool = Field(False, description="Reference-code form: ln 2 threshold and 2·ΣM denominator.")
 
     def train_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
-        sup, z_u = self.forward_both(lb, ub, step)
+        sup, z_l, z_u = self.forward_both(lb, ub, step)
+        t_l, t_probs = self.teacher_probs(lb, ub)
         with torch.no_grad():
-            t_probs = self.teacher(teacher_noise(ub.image)).logits.float().softmax(1)
             u = uncertainty(self.teacher, ub.image, self.cfg.passes)
             mask = u < threshold(step, self.ctx.total_steps, self.ctx.num_classes, self.cfg.compat_ln2)
         per_pixel, extra = self.consistency_terms(z_u, t_probs, ub.image, step)   # plug-in weights multiply M
         mask = mask.to(per_pixel.dtype) * extra
         cons = masked_mean(per_pixel, mask, self.ctx.num_classes, self.cfg.compat_ln2)
+        cons = cons + self.labeled_term(z_l, t_l, lb.label, step)
         w = self.weight(step)
         return StepOutput(sup + w * cons, {"sup": sup.detach(), "cons": cons.detach(), "w": w,
                                            "mask": mask.float().mean()})

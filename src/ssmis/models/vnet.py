@@ -13,6 +13,12 @@ Constructor mapping from the shared model config (`build_model` passes `widths` 
   `max(dropout)`; 0 (or an empty sequence) means `has_dropout=False`. The VNet default `(0.5,)` and UNet-2D's
   default list `[0.05, 0.1, 0.2, 0.3, 0.5]` (the config default) both give the published rate 0.5.
 
+Feature taps (`need_features=True`): `features` = the encoder maps [x1 … x5]; `aux["high"]` = MaxPool3d(k=3, s=2)
+of the bottleneck x5 (after its dropout), `aux["low"]` = x8_up = the last up-sampled decoder feature plus the skip
+x1 (the input of the last decoder conv stage, full resolution, widths[0] channels): the F_high / F_low of M3HL's
+VNet_HL (methods.md "M3HL"). Along an axis where the bottleneck is smaller than 3 voxels (tiny test patches) the
+pooling window shrinks to that size.
+
 Parameters: 9,448,866 for in_channels=1, num_classes=2 (the published ≈ 9.45 M); +17 per extra class.
 Input spatial sizes must be multiples of 16 (four stride-2 down-samplings); others raise a ValueError.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmis.models.output import EncoderDecoder, SegOutput
@@ -44,6 +51,11 @@ def dropout_rate(dropout: float | Sequence[float] | None) -> float:
     if isinstance(dropout, (int, float)):
         return float(dropout)
     return max((float(p) for p in dropout), default=0.0)
+
+
+def pooled_bottleneck(x5: Tensor) -> Tensor:
+    """MaxPool3d(k=3, s=2) of the bottleneck (M3HL's F_high); the window is clipped to axes shorter than 3."""
+    return F.max_pool3d(x5, tuple(min(3, int(s)) for s in x5.shape[2:]), stride=2)
 
 
 class ConvStage(nn.Sequential):
@@ -133,9 +145,11 @@ class VNet(EncoderDecoder):
         return feats
 
     def decode(self, feats: list[Tensor], need_features: bool = False) -> SegOutput:
+        """Logits; with `need_features` also the encoder maps and aux `high` / `low` (see the module docstring)."""
         x = feats[-1]
         for up, stage, skip in zip(self.up, self.dec, reversed(feats[:-1])):
-            x = stage(up(x) + skip)
+            low = up(x) + skip                      # the last one is x8_up
+            x = stage(low)
         x = self.dropout(x)
-        aux = {"high": feats[-1], "low": x} if need_features else {}
+        aux = {"high": pooled_bottleneck(feats[-1]), "low": low} if need_features else {}
         return SegOutput(self.head(x), feats if need_features else None, aux)

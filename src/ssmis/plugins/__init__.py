@@ -1,5 +1,5 @@
-"""Plug-ins for the typed slots of host methods (targets, mask, unsup_loss, inputs, features), one transformation
-each, registered by name."""
+"""Plug-ins for the typed slots of host methods (targets, mask, unsup_loss, labeled_loss, inputs, features), one
+transformation each (MetaSSL: one loss in two slots), registered by name."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ __all__ = ["SLOTS", "Plugin", "PluginConfig", "PluginSet", "SlotInputs", "build_
 
 
 def describe_plugins() -> list[tuple[str, str, str]]:
-    """(name, slot, first docstring line) of every registered plug-in."""
+    """(name, slots joined by '+', first docstring line) of every registered plug-in."""
     from ssmis.registry import PLUGINS
 
-    return [(n, PLUGINS.get(n).slot, (PLUGINS.get(n).__doc__ or "").strip().splitlines()[0]) for n in PLUGINS.list()]
+    return [(n, "+".join(PLUGINS.get(n).declared_slots()), (PLUGINS.get(n).__doc__ or "").strip().splitlines()[0])
+            for n in PLUGINS.list()]

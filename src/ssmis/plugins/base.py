@@ -8,11 +8,14 @@ plug-ins over it in config order (none configured = the value unchanged, at no c
 | `targets` | probabilities B×K×S -> probabilities (sharpening, ellipse refinement) |
 | `mask` | per-pixel weights B×S -> weights (thresholds, uncertainty) |
 | `unsup_loss` | per-pixel unlabelled loss B×S -> per-pixel loss (heterogeneous weighting) |
+| `labeled_loss` | per-pixel extra labelled loss B×S (zeros from the host) -> per-pixel loss (MetaSSL's labelled form) |
 | `inputs` | image B×C×S -> image (noise, intensity perturbation; no geometry) |
 | `features` | encoder maps (list) -> maps (feature dropout / noise) |
 
 The `mask` and `unsup_loss` slots see the targets after the `targets` slot as `teacher_probs`, so a refinement
-feeds the thresholds. A host declares, per slot, which `SlotInputs` keys it passes (`Method.provides`); a plug-in declares the keys it
+feeds the thresholds. Reductions: a host reduces what `unsup_loss` and `labeled_loss` return as Σ pixel_weights·value
+(`pixel_weights` when it passes them, else the plain mean over every pixel), after multiplying by the `mask`
+weights; the `labeled_loss` term is added with the host's unlabelled weight (e.g. MT's λ(t)). A host declares, per slot, which `SlotInputs` keys it passes (`Method.provides`); a plug-in declares the keys it
 `needs`. Both are checked when the run is built, so a mismatch is a user error before any training. Plug-in state
 lives in buffers (checkpointed and resumed with the run). Statistics that update state (e.g. class-wise
 confidence means) are recorded during the step with `self.record(...)`, summed over processes under DDP, and
@@ -30,8 +33,8 @@ from torch import Tensor, nn
 from ssmis.errors import UserError
 from ssmis.registry import PLUGINS
 
-Slot = Literal["targets", "mask", "unsup_loss", "inputs", "features"]
-SLOTS: tuple[str, ...] = ("targets", "mask", "unsup_loss", "inputs", "features")
+Slot = Literal["targets", "mask", "unsup_loss", "labeled_loss", "inputs", "features"]
+SLOTS: tuple[str, ...] = ("targets", "mask", "unsup_loss", "labeled_loss", "inputs", "features")
 
 
 @dataclass
@@ -44,6 +47,11 @@ class SlotInputs:
     labels: Tensor | None = None            # B×S, ground truth (labelled part only)
     spacing: Tensor | None = None           # B×dims in mm
     step: int | None = None
+    network: int | None = None              # which of the host's networks made teacher_probs (unsup_loss) or
+    #                                         student_logits (labeled_loss): 0 = student / net 1, 1 = teacher / net 2
+    pixel_weights: Tensor | None = None     # B×S: the host reduces this slot's per-pixel loss as Σ pixel_weights·value
+    #                                         (None = the plain mean over every pixel, 1/N each)
+    pseudo_labels: Tensor | None = None     # B×S, the hard targets the host uses (None = argmax teacher_probs)
 
     def keys(self) -> frozenset[str]:
         return frozenset(f.name for f in fields(self) if getattr(self, f.name) is not None)
@@ -59,11 +67,27 @@ class PluginConfig(BaseModel):
 
 class Plugin(nn.Module):
     """Subclasses set `Config`, `slot` and `needs`, implement `forward(value, inp)` (same type out as in) and
-    register with `@PLUGINS.register(name)`. Keep state in buffers; change it only in `on_step_end`."""
+    register with `@PLUGINS.register(name)`. Keep state in buffers; change it only in `on_step_end`.
+
+    A plug-in acting in several slots (MetaSSL: unlabelled and labelled loss) overrides `declared_slots` (slot ->
+    needed inputs), `slot_needs` (what this configuration uses) and `run(slot, value, inp)`."""
 
     Config: ClassVar[type[PluginConfig]]
     slot: ClassVar[Slot]
     needs: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def declared_slots(cls) -> dict[str, frozenset[str]]:
+        """Every slot the plug-in can act in, with the SlotInputs keys it needs there."""
+        return {cls.slot: cls.needs}
+
+    def slot_needs(self) -> dict[str, frozenset[str]]:
+        """The slots this configured plug-in acts in (default: all declared)."""
+        return type(self).declared_slots()
+
+    def run(self, slot: str, value, inp: SlotInputs):
+        """Apply the plug-in in `slot` (single-slot plug-ins: `forward`)."""
+        return self(value, inp)
 
     def __init__(self, cfg: PluginConfig, num_classes: int, spatial_dims: int):
         super().__init__()
@@ -90,7 +114,7 @@ class PluginSet(nn.Module):
     def __init__(self, plugins: list[Plugin]):
         super().__init__()
         self.items = nn.ModuleList(plugins)
-        self.by_slot: dict[str, list[Plugin]] = {s: [p for p in plugins if p.slot == s] for s in SLOTS}
+        self.by_slot: dict[str, list[Plugin]] = {s: [p for p in plugins if s in p.slot_needs()] for s in SLOTS}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -100,22 +124,23 @@ class PluginSet(nn.Module):
 
     def apply(self, slot: str, value, inp: SlotInputs):
         for p in self.by_slot[slot]:
-            value = p(value, inp)
+            value = p.run(slot, value, inp)
         return value
 
     def check_host(self, method: str, provides: dict[str, frozenset[str]]) -> None:
         """Every plug-in's slot is offered by the host, with every input it needs."""
         for i, p in enumerate(self.items):
             where = f"plugins.{i} ({p.cfg.name})"
-            if p.slot not in provides:
-                offered = ", ".join(sorted(provides)) or "none"
-                raise UserError(where, f"method {method!r} has no {p.slot!r} slot (its slots: {offered})",
-                                "Remove the plug-in, or use a method that offers that slot (`ssmis list plugins`).")
-            missing = sorted(p.needs - provides[p.slot])
-            if missing:
-                raise UserError(where, f"needs {', '.join(missing)} in slot {p.slot!r}, which method {method!r} "
-                                f"does not pass there (it passes: {', '.join(sorted(provides[p.slot])) or 'nothing'})",
-                                "Use another host method or another plug-in.")
+            for slot, needs in p.slot_needs().items():
+                if slot not in provides:
+                    offered = ", ".join(sorted(provides)) or "none"
+                    raise UserError(where, f"method {method!r} has no {slot!r} slot (its slots: {offered})",
+                                    "Remove the plug-in, or use a method that offers that slot (`ssmis list plugins`).")
+                missing = sorted(needs - provides[slot])
+                if missing:
+                    raise UserError(where, f"needs {', '.join(missing)} in slot {slot!r}, which method {method!r} "
+                                    f"does not pass there (it passes: {', '.join(sorted(provides[slot])) or 'nothing'})",
+                                    "Use another host method or another plug-in.")
 
     def pending_stats(self) -> dict[str, Tensor]:
         """This step's statistics as one flat dict (keys `<index>.<name>`), then cleared."""
@@ -158,7 +183,7 @@ def build_plugins(sections: list[dict], num_classes: int, spatial_dims: int) -> 
     plugins = []
     for cfg in plugin_configs(sections):
         cls = PLUGINS.get(cfg.name)
-        unknown = cls.needs - INPUT_KEYS
+        unknown = frozenset().union(*cls.declared_slots().values()) - INPUT_KEYS
         if unknown:
             raise TypeError(f"plug-in {cfg.name!r} needs unknown slot inputs {sorted(unknown)}")
         plugins.append(cls(cfg, num_classes, spatial_dims))
@@ -167,6 +192,11 @@ def build_plugins(sections: list[dict], num_classes: int, spatial_dims: int) -> 
 
 def no_plugins() -> PluginSet:
     return PluginSet([])
+
+
+def reduce_pixels(value: Tensor, pixel_weights: Tensor | None) -> Tensor:
+    """A host's reduction of an `unsup_loss` / `labeled_loss` value: Σ pixel_weights·value, or the plain mean."""
+    return value.mean() if pixel_weights is None else (pixel_weights * value).sum()
 
 
 def sum_over_processes(stats: dict[str, Tensor]) -> dict[str, Tensor]:
