@@ -254,3 +254,37 @@ def test_readme_acdc_lite_table_matches_the_committed_results():
             expected = np.mean([float(r[key]) for r in rs])
             digits = len(text.split()[0].split(".")[1])
             assert float(text.split()[0]) == pytest.approx(expected, abs=0.6 * 10 ** -digits), (row, key)
+
+
+def test_grid_over_method_configs_and_method_sections(tmp_path):
+    """A grid over base configs (method variants, each with its own plug-ins and augmentation) names rows by the
+    config file; a grid over whole method sections names them by their values; both are fair comparisons."""
+    from ssmis.bench.grid import build_cells, load_suite
+    from ssmis.bench.report import RunResult, check_fair
+
+    common = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in SMALL)}
+    for name, extra in (("plain", {}), ("with_metassl", {"plugins": [{"name": "metassl"}], "train": {"augment": "bcp"},
+                                                         "method": {"name": "mean_teacher", "gate": 0.0}})):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"base": "phantom", **extra}))
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump({"grid": {"base": ["plain.yaml", "with_metassl.yaml"], "seed": [0]}, "set": common}))
+    cells = build_cells(load_suite(path), path, tmp_path / "out")
+    assert [c.name for c in cells] == ["plain-s0", "with_metassl-s0"]
+    assert cells[1].cfg.plugins[0]["name"] == "metassl" and cells[1].cfg.train.augment == "bcp"
+    for c in cells:
+        c.dir.mkdir(parents=True)
+        (c.dir / "splits.json").write_text(json.dumps({"labeled": ["a"], "unlabeled": [], "val": [], "test": []}))
+    from ssmis.data.splits import Splits
+
+    results = [RunResult(c, {}, None, {}, None, Splits.read(c.dir / "splits.json")) for c in cells]
+    assert [r.method for r in results] == ["plain", "with_metassl"]
+    assert len(check_fair(results)) == 1                           # plug-ins and augmentation may differ
+    # whole method sections: one row per section, named by its values
+    path.write_text(yaml.safe_dump({"base": "phantom", "set": common, "grid": {
+        "method": [{"name": "fixmatch", "unsup_loss": "ce"}, {"name": "fixmatch", "cutmix_p": 0.0}], "seed": [0]}}))
+    cells = build_cells(load_suite(path), path, tmp_path / "out2")
+    assert [c.name for c in cells] == ["fixmatch_unsup_lossce-s0", "fixmatch_cutmix_p0-s0"]
+    # base given twice (or not at all) is a one-line error
+    path.write_text(yaml.safe_dump({"base": "phantom", "grid": {"base": ["plain.yaml"]}}))
+    with pytest.raises(UserError, match="either as `base` or as the grid key `base`"):
+        load_suite(path)

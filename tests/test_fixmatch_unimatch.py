@@ -98,6 +98,11 @@ def test_fixmatch_confidence_mask():
     kept_probs = strong_logits.softmax(1).movedim(1, -1)[keep].T[None, :, :, None]
     assert math.isclose(float(lu), float(dice_loss(kept_probs, labels[keep][None, :, None])), rel_tol=1e-6)
     assert float(out.logs["mask"]) == 0.5
+    # the collapse diagnostics: per-class confident shares (they add up to the mask share) and predicted foreground
+    for c in range(k):
+        assert float(out.logs[f"conf_c{c}"]) == pytest.approx(float((keep & (labels == c)).float().mean()))
+    assert float(out.logs["conf_fg"]) == pytest.approx(float((keep & (labels != 0)).float().mean()))
+    assert float(out.logs["pred_fg"]) == pytest.approx(float((labels != 0).float().mean()))
     changed = strong_logits.clone()
     changed.movedim(1, -1)[~keep] = torch.randn(int((~keep).sum()), k, generator=g) * 5
     out2, param2 = unsup(changed)

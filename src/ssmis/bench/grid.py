@@ -102,7 +102,7 @@ def load_suite(path: str | Path) -> Suite:
         raise validation_to_user_error(err, Suite, str(path)) from None
     if (suite.base is None) == ("base" not in suite.grid):
         raise UserError(f"{path}: base", "give the base config either as `base` or as the grid key `base`, once",
-                        "See benchmarks/acdc_lite_5pct_new.yaml for a grid over method configs.")
+                        "See benchmarks/acdc_lite_5pct_seed_methods.yaml for a grid over method configs.")
     both = sorted(set(suite.grid) & set(suite.set))
     if both:
         raise UserError(f"{path}: set.{both[0]}", "is also a grid key", "Give each key in `grid` or in `set`, not both.")
@@ -137,9 +137,11 @@ def base_label(ref: str) -> str:
 
 
 def value_tag(value: Any) -> str:
-    """A config value as a file-name-safe tag: [64, 64] -> 64x64, 0.5 -> 0.5, {name: bcp, ...} -> bcp."""
+    """A config value as a file-name-safe tag: [64, 64] -> 64x64, 0.5 -> 0.5, {name: bcp} -> bcp,
+    {name: fixmatch, unsup_loss: ce} -> fixmatch-unsup_lossce."""
     if isinstance(value, dict):
-        value = value.get("name", "-".join(f"{k}{value_tag(v)}" for k, v in value.items()))
+        rest = "-".join(f"{k}{value_tag(v)}" for k, v in value.items() if k != "name")
+        value = "-".join(p for p in (str(value.get("name", "")), rest) if p)
     if isinstance(value, (list, tuple)):
         return "x".join(value_tag(v) for v in value)
     if isinstance(value, float):

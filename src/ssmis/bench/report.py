@@ -38,6 +38,8 @@ class RunResult:
         """The method's name, or for a grid over method configs (`base`) the config's name (metassl_mt)."""
         if "base" in self.cell.values:
             return base_label(self.cell.values["base"])
+        if isinstance(self.cell.values.get("method"), dict):         # a grid over whole method sections
+            return value_tag(self.cell.values["method"])
         return str(self.cell.cfg.method["name"])
 
     @property

@@ -142,6 +142,19 @@ class WeakToStrong(Method):
         return (ce * keep.to(ce.dtype)).sum() / ce.numel()
 
 
+@torch.no_grad()
+def confidence_logs(labels: Tensor, keep: Tensor, num_classes: int) -> dict[str, Tensor]:
+    """What the weak view's pseudo-labels look like this step (for diagnosing a collapse towards background):
+    `pred_fg` = share of pixels predicted foreground, `conf_c<k>` = share of pixels confidently labelled k
+    (the mask as weights), `conf_fg` = their sum over the foreground classes."""
+    keep = keep.float()
+    out = {"pred_fg": (labels != 0).float().mean()}
+    for k in range(num_classes):
+        out[f"conf_c{k}"] = (keep * (labels == k)).mean()
+    out["conf_fg"] = sum(out[f"conf_c{k}"] for k in range(1, num_classes))
+    return out
+
+
 def mix_targets(own: tuple[Tensor, ...], other: tuple[Tensor, ...], box: Tensor) -> tuple[Tensor, ...]:
     """Each of (labels, mask, probabilities) of the partner inside the CutMix box, the sample's own outside."""
     return tuple(paste(a, b, box) for a, b in zip(own, other))
@@ -170,4 +183,5 @@ class FixMatch(WeakToStrong):
         loss_u = self.unsup(z_s, mix_targets(own, mix, box), x_w, step)
         loss_u = loss_u + self.labeled_term(z_l, z_l.detach().float().softmax(1), lb.label, step)
         return StepOutput((loss_x + loss_u) / 2, {"sup": loss_x.detach(), "unsup": loss_u.detach(),
-                                                  "mask": own[1].float().mean()})
+                                                  "mask": own[1].float().mean(),
+                                                  **confidence_logs(own[0], own[1], self.ctx.num_classes)})
