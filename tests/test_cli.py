@@ -185,7 +185,7 @@ def test_train_into_an_existing_run_is_a_user_error(cli_run, capsys):
 # ---- demo -----------------------------------------------------------------------------------------
 
 def test_demo_end_to_end(monkeypatch, tmp_path, capsys):
-    """`ssmis demo --iterations 10` with the phantom and the network shrunk (the full-size demo takes ~70 s
+    """`ssmis demo --iterations 10` with the phantom and the network shrunk (the full-size demo takes ~60 s
     on 2 cores): both methods train, then results.md, demo.json and curves.png are written."""
     import ssmis.demo as demo
 
@@ -195,11 +195,13 @@ def test_demo_end_to_end(monkeypatch, tmp_path, capsys):
     assert main(["demo", "--iterations", "10", "--out", str(out)]) == 0
     table = (out / "results.md").read_text().splitlines()
     assert table[0].startswith("| method | Dice")
-    assert [ln.split("|")[1].strip() for ln in table[2:]] == ["Labels only", "Mean Teacher"]
-    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert [ln.split("|")[1].strip() for ln in table[2:] if ln.startswith("|")] == ["Labels only", "BCP"]
+    gap = next(ln for ln in table if ln.startswith("BCP − labels only:"))        # the table says what the gap is
     results = json.loads((out / "demo.json").read_text())
-    assert set(results) == {"Labels only", "Mean Teacher"}
-    for name in ("supervised", "mean_teacher"):
+    assert f"{results['BCP']['test']['dice'] - results['Labels only']['test']['dice']:+.4f}" in gap
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(results) == {"Labels only", "BCP"}
+    for name in ("supervised", "bcp"):
         assert (out / name / "checkpoints" / "best.pt").is_file()
         assert yaml.safe_load((out / name / "config.yaml").read_text())["train"]["iterations"] == 10
     capsys.readouterr()

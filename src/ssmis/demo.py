@@ -1,6 +1,9 @@
-"""`ssmis demo`: the built-in phantom -> labels-only and Mean Teacher -> test table and learning curves.
+"""`ssmis demo`: the built-in phantom -> labels-only and BCP -> test table, the gap, and learning curves.
 
-Needs no download; takes a few minutes on 2 CPU cores.
+BCP (bidirectional copy-paste) is the semi-supervised method whose margin over labels-only on this phantom is the
+largest and most stable: +0.15 to +0.20 test Dice at seeds 0, 1, 2 at 400 steps (docs/demo.md, `python
+benchmarks/demo_seeds.py`; tests/test_demo.py asserts at least +0.03 at every seed). Needs no download; about
+a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -13,7 +16,23 @@ from pathlib import Path
 from ssmis.config import load_config
 from ssmis.errors import UserError
 
-METHODS = (("supervised", "Labels only"), ("mean_teacher", "Mean Teacher"))
+METHODS = (("supervised", "Labels only"), ("bcp", "BCP"))
+SEMI = "BCP"
+DEMO_ITERATIONS = 400      # BCP: 100 pre-training + 300 self-training steps; its margin was larger at 400 than at 600
+
+
+def demo_config(method: str, iterations: int | None = None, seed: int | None = None):
+    """The demo's run config: the `phantom` preset (64x64 slices, 24 patients: 2 labelled, 12 unlabelled, 4 val,
+    6 test; UNet-2D; validation every 100 steps) with `method`, for DEMO_ITERATIONS steps (`iterations` overrides
+    them and validates 6 times)."""
+    overrides = [f"method.name={method}", f"train.iterations={iterations or DEMO_ITERATIONS}"]
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    cfg = load_config("phantom", overrides)
+    if iterations:
+        cfg.train.eval_every = max(1, iterations // 6)
+        cfg.train.ckpt_every = cfg.train.eval_every
+    return cfg
 
 
 def run_demo(out: str | Path = "runs/demo", iterations: int | None = None, overwrite: bool = False,
@@ -28,15 +47,10 @@ def run_demo(out: str | Path = "runs/demo", iterations: int | None = None, overw
         if not (out / "demo.json").is_file() and not any((out / m).is_dir() for m, _ in METHODS):
             raise UserError(str(out), "refusing to overwrite a folder that is not an ssmis demo", "Choose another --out.")
         shutil.rmtree(out)
-    overrides = [f"train.iterations={iterations}"] if iterations else []
     results = {}
     for name, label in METHODS:
         print(f"\n== {label} ==", file=sys.stderr)
-        cfg = load_config("phantom", overrides + [f"method.name={name}"])
-        if iterations:
-            cfg.train.eval_every = max(1, iterations // 6)
-            cfg.train.ckpt_every = cfg.train.eval_every
-        r = train(cfg, out=out / name, progress=progress)
+        r = train(demo_config(name, iterations), out=out / name, progress=progress)
         results[label] = {"run": name, "test": r["test_best"]["mean"], "best_val_dice": r["best_val_dice"],
                           "seconds": r["seconds"], "precision": r["precision"]}
     plot = plot_curves(out / METHODS[0][0] / "metrics.csv", out / "curves.png",
@@ -56,4 +70,10 @@ def format_demo_table(results: dict) -> str:
         m = r["test"]
         lines.append(f"| {label} | {m['dice']:.4f} | {m['jaccard']:.4f} | {m['hd95_mm']:.2f} | {m['asd_mm']:.2f} | "
                      f"{r['seconds']:.0f} |")
+    base, semi = results.get(METHODS[0][1]), results.get(SEMI)
+    if base and semi:
+        gap = semi["test"]["dice"] - base["test"]["dice"]
+        lines += ["", f"{SEMI} − labels only: {gap:+.4f} test Dice. Both see the same 2 labelled patients; {SEMI} also "
+                  "learns from the 12 unlabelled ones (copy-paste mixing with an EMA teacher's pseudo-labels). On this "
+                  "phantom the gap was +0.15 to +0.20 at seeds 0, 1, 2 (docs/demo.md)."]
     return "\n".join(lines)
