@@ -1,7 +1,7 @@
 """`ssmis demo`: the built-in phantom -> labels-only and BCP -> test table, the gap, and learning curves.
 
 BCP (bidirectional copy-paste) is the semi-supervised method whose margin over labels-only on this phantom is the
-largest and most stable: +0.15 to +0.20 test Dice at seeds 0, 1, 2 at 400 steps (docs/demo.md, `python
+largest and most stable: +0.11 to +0.20 test Dice at seeds 0, 1, 2 at 400 steps (docs/demo.md, `python
 benchmarks/demo_seeds.py`; tests/test_demo.py asserts at least +0.03 at every seed). Needs no download; about
 a minute on 2 CPU cores.
 """
@@ -75,5 +75,5 @@ def format_demo_table(results: dict) -> str:
         gap = semi["test"]["dice"] - base["test"]["dice"]
         lines += ["", f"{SEMI} − labels only: {gap:+.4f} test Dice. Both see the same 2 labelled patients; {SEMI} also "
                   "learns from the 12 unlabelled ones (copy-paste mixing with an EMA teacher's pseudo-labels). On this "
-                  "phantom the gap was +0.15 to +0.20 at seeds 0, 1, 2 (docs/demo.md)."]
+                  "phantom the gap was +0.11 to +0.20 at seeds 0, 1, 2 (docs/demo.md)."]
     return "\n".join(lines)
