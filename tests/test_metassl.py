@@ -253,16 +253,16 @@ def test_learns_on_the_phantom(host, extra, tmp_path):
         assert dice >= MT_SEED0 + 0.02, f"metassl on MT: test Dice {dice:.3f} not above MT's {MT_SEED0} + 0.02"
 
 
-@pytest.mark.parametrize("host,method,scale", [("mt", "mean_teacher", 1.0), ("cps", "cps", 1.0),
-                                               ("fixmatch", "fixmatch", 0.02), ("bcp", "bcp", 0.04)])
-def test_method_configs_spell_out_the_plugin_defaults(host, method, scale):
+@pytest.mark.parametrize("host,method,weight,scale", [("mt", "mean_teacher", "host", 1.0), ("cps", "cps", "host", 1.0),
+                                                      ("fixmatch", "fixmatch", "ramp", 2.0), ("bcp", "bcp", "ramp", 1.0)])
+def test_method_configs_spell_out_the_plugin_defaults(host, method, weight, scale):
     from pathlib import Path
 
     from ssmis.plugins.metassl import MetaSSL
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "methods" / f"metassl_{host}.yaml")
     assert cfg.method["name"] == method and cfg.train.iterations == 2000 and cfg.data.patch_size == [128, 128]
-    assert cfg.plugins == [MetaSSL.Config(scale=scale).model_dump(mode="json")]
+    assert cfg.plugins == [MetaSSL.Config(weight=weight, scale=scale).model_dump(mode="json")]
     plugins = build_plugins(cfg.plugins, 4, 2)
     m, _ = tiny_method(HOSTS[method][0], plugins=plugins,
                        **{k: v for k, v in cfg.method.items() if k != "name"})
@@ -271,3 +271,23 @@ def test_method_configs_spell_out_the_plugin_defaults(host, method, scale):
         assert cfg.method["gate"] == 0.0 and cfg.method["teacher_noise"] is False and cfg.train.augment == "bcp"
     if method == "fixmatch":
         assert cfg.method["threshold"] == 0.0 and cfg.method["unsup_loss"] == "ce"
+
+
+def test_ramp_weight_on_hosts_without_their_own():
+    """weight=ramp: the plug-in multiplies its loss by MetaSSL's λ(t) = 0.1·r(⌊t/150⌋, T/150); on BCP (scale 1) the
+    self-training loss is then BCP's (Dice + labelled CE)/2 + λ(t)·(L_u + L_l) exactly."""
+    ramp = build_plugins([{"name": "metassl", "weight": "ramp"}], 4, 2, total_steps=300).items[0]
+    assert ramp.factor(0) == pytest.approx(0.1 * math.exp(-5))
+    assert ramp.factor(160) == pytest.approx(0.1 * math.exp(-5 * 0.25))
+    assert build_plugins([{"name": "metassl"}], 4, 2).items[0].factor(0) == 1.0         # weight=host
+    with pytest.raises(ValueError, match="run length"):
+        build_plugins([{"name": "metassl", "weight": "ramp"}], 4, 2).items[0].factor(5)
+    # BCP: with the plug-in's loss scaled to zero the loss is BCP's minus its pseudo-label CE terms
+    zero = build_plugins([{"name": "metassl", "weight": "ramp", "lambda_max": 0.0}], 4, 2, total_steps=300)
+    m, _ = tiny_method(BCP, total=300, plugins=zero, lcc=False)
+    m.on_stage_start("selftrain", False)
+    lb, ub = random_batches(nl=2, nu=2, size=32)
+    torch.manual_seed(3)
+    out = m.train_step(lb, ub, 100)
+    assert out.logs["unsup"] == 0 and out.logs["labeled_extra"] == 0
+    assert out.loss.item() == pytest.approx(((out.logs["mix_dice"] + out.logs["mix_ce"]) / 2).item(), rel=1e-6)

@@ -131,7 +131,7 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
         return DDP(module, device_ids=[dinfo.local_rank] if device.type == "cuda" else None,
                    find_unused_parameters=method_cls.find_unused_parameters)
 
-    plugins = build_plugins(cfg.plugins, num_classes, dims).to(device)
+    plugins = build_plugins(cfg.plugins, num_classes, dims, t.iterations).to(device)
     torch.manual_seed(cfg.seed)                    # identical initialisation on every rank
     ctx = BuildContext(make_model, device, t.iterations, num_classes, spatial_dims=dims, wrap=wrap, plugins=plugins)
     method = method_cls(mcfg, ctx)

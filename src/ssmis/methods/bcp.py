@@ -244,22 +244,25 @@ class BCP(Method):
         # pixels of each image's unlabelled (u_a outside the box in X_in, u_b inside in X_out) and labelled regions
         region_u = torch.cat([m_out, 1 - m_out])
         region_l = 1 - region_u
-        w_u = per_half_region_weights(region_u)
+        # the slots' reduction weights carry BCP's own factors (u_weight, the final /2): without plug-ins the loss is
+        # mixed_step's, and a plug-in's reduced value enters the loss as it is
+        w_u = cfg.u_weight / 2 * per_half_region_weights(region_u)
         w_l = per_half_region_weights(region_l)
         ce_u = F.cross_entropy(z, p_u.long(), reduction="none")
         ce_u = self.slot("unsup_loss", ce_u, teacher_probs=torch.cat(probs), student_logits=z,
                          student_probs=z.detach().softmax(1), image=torch.cat([u_a, u_b]), step=step, network=1,
                          pseudo_labels=p_u, pixel_weights=w_u)
+        unsup = reduce_pixels(ce_u, w_u)
         y = torch.cat([y_a, y_b]).long()
         ce_l = (w_l * F.cross_entropy(z, y, reduction="none")).sum()
-        ce = cfg.u_weight * reduce_pixels(ce_u, w_u) + ce_l
         extra = z.new_zeros(())
         if self.slot_active("labeled_loss"):
             with torch.no_grad():
                 t_l = torch.cat([self.teacher(x).logits.float().softmax(1) for x in (l_a, l_b)])
-            extra = self.labeled_term(z, t_l, y, step, network=0, pixel_weights=w_l)
-        loss = (m.dice + ce + extra) / 2          # the labelled extra sits beside BCP's CE terms
-        return StepOutput(loss, {"mix_dice": m.dice.detach(), "mix_ce": ce.detach(), "labeled_extra": extra.detach()})
+            extra = self.labeled_term(z, t_l, y, step, network=0, pixel_weights=w_l / 2)
+        loss = (m.dice + ce_l) / 2 + unsup + extra
+        return StepOutput(loss, {"mix_dice": m.dice.detach(), "mix_ce": (ce_l + 2 * unsup).detach(),
+                                 "unsup": unsup.detach(), "labeled_extra": extra.detach()})
 
     def targets_slot(self, image: Tensor, step: int) -> Callable[[Tensor], Tensor] | None:
         if not self.slot_active("targets"):

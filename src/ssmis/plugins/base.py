@@ -92,6 +92,7 @@ class Plugin(nn.Module):
     def __init__(self, cfg: PluginConfig, num_classes: int, spatial_dims: int):
         super().__init__()
         self.cfg, self.num_classes, self.spatial_dims = cfg, num_classes, spatial_dims
+        self.total_steps: int | None = None       # the run's length, for plug-ins with schedules (set by the engine)
         self._pending: dict[str, Tensor] = {}
 
     def forward(self, value, inp: SlotInputs):
@@ -179,7 +180,8 @@ def plugin_configs(sections: list[Any], source: str = "config") -> list[PluginCo
     return out
 
 
-def build_plugins(sections: list[dict], num_classes: int, spatial_dims: int) -> PluginSet:
+def build_plugins(sections: list[dict], num_classes: int, spatial_dims: int,
+                  total_steps: int | None = None) -> PluginSet:
     plugins = []
     for cfg in plugin_configs(sections):
         cls = PLUGINS.get(cfg.name)
@@ -187,6 +189,7 @@ def build_plugins(sections: list[dict], num_classes: int, spatial_dims: int) -> 
         if unknown:
             raise TypeError(f"plug-in {cfg.name!r} needs unknown slot inputs {sorted(unknown)}")
         plugins.append(cls(cfg, num_classes, spatial_dims))
+        plugins[-1].total_steps = total_steps
     return PluginSet(plugins)
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ssmis.plugins.base import Plugin, PluginConfig, SlotInputs, sum_over_processes
 from ssmis.registry import PLUGINS
+from ssmis.schedules import sigmoid_ramp
 
 REGIONS = ("UC_fg", "UC_bg", "US", "DC", "DS")
 NETWORKS = 2                 # student / net 1 and teacher / net 2
@@ -97,9 +98,16 @@ class MetaSSL(Plugin):
         momentum: float = Field(0.5, ge=0, lt=1, description="Weight of the old threshold in each update (α = 0.5).")
         cap: float | Literal["auto"] | None = Field(
             "auto", description="Upper bound of the thresholds: auto = 0.9 in 3D (MetaSSL 3D), none in 2D.")
-        scale: float = Field(1.0, ge=0, description="Multiplies both terms. 1 on hosts with MetaSSL's λ(t) = 0.1·ramp "
-                             "(MT, CPS); smaller on hosts that weight the unlabelled loss 1 from the start "
-                             "(configs/methods/metassl_{fixmatch,bcp}.yaml).")
+        weight: Literal["host", "ramp"] = Field(
+            "host", description="host: the host's own unlabelled weight applies (MT and CPS: λ(t) = 0.1·ramp, as in "
+            "the MetaSSL scripts); ramp: the plug-in applies MetaSSL's λ(t) = lambda_max·r(⌊t/epoch_len⌋, "
+            "rampup·T/epoch_len) itself, for hosts that weight their unlabelled loss 1 from the start (FixMatch, BCP).")
+        lambda_max: float = Field(0.1, ge=0, description="weight=ramp: MetaSSL's λ_max (--consistency 0.1).")
+        rampup: float = Field(1.0, ge=0, le=1, description="weight=ramp: ramp length as a fraction of the run "
+                              "(200 epochs of 150 it, scaled to the run as every ramp in ssmis).")
+        epoch_len: int = Field(150, ge=1, description="weight=ramp: iterations per ramp 'epoch'.")
+        scale: float = Field(1.0, ge=0, description="Multiplies both terms (after λ(t) with weight=ramp): undoes a "
+                             "host's own factor on the slot's loss (BCP and FixMatch halve it: 2).")
         compat_2d_bug: bool = Field(False, description="Reproduce the released 2D code's UC mask (pred == 0): "
                                     "foreground UC pixels get no loss, background UC counts twice.")
 
@@ -111,8 +119,8 @@ class MetaSSL(Plugin):
             return cap
 
     slot = "unsup_loss"
-    needs = frozenset({"teacher_probs", "student_logits", "network"})
-    needs_labeled = frozenset({"teacher_probs", "student_logits", "labels", "network"})
+    needs = frozenset({"teacher_probs", "student_logits", "network", "step"})
+    needs_labeled = frozenset({"teacher_probs", "student_logits", "labels", "network", "step"})
 
     @classmethod
     def declared_slots(cls) -> dict[str, frozenset[str]]:
@@ -169,4 +177,13 @@ class MetaSSL(Plugin):
         f = heterogeneous_factors(masks, weights, support)
         per_weight = (torch.full_like(f, 1.0 / f.numel()) if inp.pixel_weights is None
                       else inp.pixel_weights.float().clamp_min(1e-30))
-        return out + self.cfg.scale * loss * f / per_weight * support
+        return out + self.factor(inp.step) * loss * f / per_weight * support
+
+    def factor(self, step: int | None) -> float:
+        """scale, times MetaSSL's λ(t) with weight=ramp."""
+        c = self.cfg
+        if c.weight == "host":
+            return c.scale
+        if step is None or self.total_steps is None:
+            raise ValueError("metassl weight=ramp needs the step (from the host) and the run length (from the engine)")
+        return c.scale * c.lambda_max * sigmoid_ramp(step // c.epoch_len, c.rampup * self.total_steps / c.epoch_len)
