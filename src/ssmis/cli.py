@@ -23,8 +23,11 @@ def _eval(a) -> int:
             raise UserError("ssmis eval", "--run cannot be combined with --pred/--ref", "Use one form.")
         from ssmis.eval.run_eval import evaluate_run
 
-        evaluate_run(a.run, split=a.split, checkpoint=a.checkpoint, largest_component=a.largest_component)
+        evaluate_run(a.run, split=a.split, checkpoint=a.checkpoint, largest_component=a.largest_component,
+                     cases=a.cases, max_cases=a.max_cases)
         return 0
+    if a.cases or a.max_cases:
+        raise UserError("ssmis eval", "--cases and --max-cases choose cases of a run's split", "Use them with --run.")
     if not (a.pred and a.ref):
         raise UserError("ssmis eval", "give --run RUN_DIR, or both --pred DIR and --ref DIR", "See `ssmis eval --help`.")
     from ssmis.eval.score_folders import score_folders
@@ -111,7 +114,16 @@ def _data_split(a) -> int:
     if out.exists() and not a.overwrite:
         raise UserError(str(out), "already exists", "Pass --overwrite to replace it, or choose another -o.")
     adapter = make_adapter(a.layout, a.root)
-    cfg = SplitConfig(protocol=a.protocol, labeled=a.labeled, val=a.val, test=a.test, seed=a.seed)
+    fixed = getattr(adapter, "fixed_eval_splits", lambda: None)()
+    given = [f"--{k}" for k in ("val", "test") if getattr(a, k) is not None]
+    if fixed is not None and given:
+        val, test = fixed
+        raise UserError(" ".join(given), f"the {adapter.name} layout fixes val and test by its list files "
+                        f"({len(val)} val, {len(test)} test cases), so {' and '.join(given)} cannot be honoured",
+                        "Leave them out, or write your own splits.json and train with split.file=PATH.")
+    defaults = SplitConfig()
+    cfg = SplitConfig(protocol=a.protocol, labeled=a.labeled, val=defaults.val if a.val is None else a.val,
+                      test=defaults.test if a.test is None else a.test, seed=a.seed)
     splits = make_splits(adapter, cfg)
     atomic_write_text(out, splits.to_json())
     print(f"{out}: {len(splits.labeled)} labelled, {len(splits.unlabeled)} unlabelled, {len(splits.val)} val, "
@@ -148,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("root", help="dataset folder")
     sp.add_argument("--layout", default="auto", help="force a layout instead of detecting it")
     sp.add_argument("--labeled", type=float, required=True, help="labelled patients: a count >= 1 or a fraction < 1")
-    sp.add_argument("--val", type=float, default=0.1, help="val patients, count or fraction (default 0.1)")
-    sp.add_argument("--test", type=float, default=0.2, help="test patients, count or fraction (default 0.2)")
+    sp.add_argument("--val", type=float, default=None, help="val patients, count or fraction (default 0.1); "
+                    "refused on layouts whose list files fix val and test (ssl4mis_h5, la_h5)")
+    sp.add_argument("--test", type=float, default=None, help="test patients, count or fraction (default 0.2); "
+                    "refused like --val")
     sp.add_argument("--seed", type=int, default=0, help="seed of the patient permutation (default 0)")
     sp.add_argument("--protocol", action=argparse.BooleanOptionalAction, default=True,
                     help="use the dataset's published split where it has one (default on)")
@@ -164,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
                    help="--run: keep only the largest connected component per class (default: the run's "
                         "eval.largest_component); a report that differs from the run's goes to <split>-<ckpt>-lcc/-raw")
+    sub_cases = e.add_mutually_exclusive_group()
+    sub_cases.add_argument("--max-cases", type=int, metavar="N",
+                           help="--run: score only the first N cases of the split (report in <split>-<ckpt>-firstN)")
+    sub_cases.add_argument("--cases", nargs="+", metavar="ID",
+                           help="--run: score only these cases of the split (report in <split>-<ckpt>-casesN)")
     e.add_argument("--pred", help="folder of predicted masks (NIfTI, PNG or HDF5)")
     e.add_argument("--ref", help="folder of reference masks, matched to --pred by case name")
     e.add_argument("--classes", type=int, nargs="+", help="foreground classes to score (default: all found)")

@@ -8,11 +8,11 @@ a minute on 2 CPU cores.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
+from ssmis.atomic import json_text
 from ssmis.config import load_config
 from ssmis.errors import UserError
 
@@ -56,7 +56,7 @@ def run_demo(out: str | Path = "runs/demo", iterations: int | None = None, overw
     plot = plot_curves(out / METHODS[0][0] / "metrics.csv", out / "curves.png",
                        runs={label: out / name / "metrics.csv" for name, label in METHODS})
     table = format_demo_table(results)
-    (out / "demo.json").write_text(json.dumps(results, indent=1))
+    (out / "demo.json").write_text(json_text(results) + "\n")        # strict JSON: non-finite values as null
     (out / "results.md").write_text(table + "\n")
     print("\nPhantom test set (best-val checkpoint; distances in mm):\n" + table)
     print(f"\nLearning curves: {plot}\nRuns, checkpoints and per-case CSVs: {out}/")

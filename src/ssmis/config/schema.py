@@ -26,6 +26,9 @@ class DataConfig(Section):
                                   "inference on volumes); [D, H, W]: 3D training on patches cropped from volumes "
                                   "(sliding-window inference).")
     fg_fraction: float = Field(0.33, ge=0, le=1, description="3D: share of labelled patches centred on a foreground voxel.")
+    rot_plane: list[int] = Field([1, 2], min_length=2, max_length=2, description="3D: the two spatial axes (array "
+                                 "order) of the rot90 + flip augmentation; [1, 2] = H, W of D×H×W volumes; LA's x, y, z "
+                                 "arrays: [0, 1], as UA-MT.")
     restack_volumes: bool = Field(False, description="ssl4mis_h5: rebuild training volumes from their slices "
                                   "(stack <volume>_slice_K in K order) for 3D training.")
     slice_axis: int = Field(0, ge=0, le=2, description="Axis of 3D volumes along which 2D slices are taken (array order D,H,W).")
@@ -34,7 +37,29 @@ class DataConfig(Section):
                              "to the patch, so the aspect ratio is kept (HC18-lite); predictions are cropped back.")
     mask_values: dict[int, int] | None = Field(None, description="Image-folder layout: mask pixel value -> class index.")
     channels: int | None = Field(None, ge=1, description="Image channels; default from the dataset.")
+    spacing: list[float] | None = Field(None, description="Voxel spacing in mm (array axis order; one value = isotropic) "
+                                        "for layouts whose files carry none (ssl4mis_h5, la_h5, folders; LA: 0.625): "
+                                        "HD95/ASD are then also reported in mm. Recorded in the run and its reports.")
     phantom: PhantomConfig = Field(default_factory=PhantomConfig, description="Settings of the built-in phantom.")
+
+    @field_validator("rot_plane")
+    @classmethod
+    def _two_axes(cls, v):
+        if len(set(v)) != 2 or any(not 0 <= a <= 2 for a in v):
+            raise ValueError("rot_plane needs two different spatial axes among 0, 1, 2")
+        return v
+
+    @field_validator("spacing", mode="before")
+    @classmethod
+    def _one_spacing_is_a_list(cls, v):
+        return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, v):
+        if v is not None and (not v or any(not 0 < s < float("inf") for s in v)):
+            raise ValueError("spacing needs one or more positive values in mm")
+        return v
 
 
 class SplitConfig(Section):
@@ -104,11 +129,28 @@ class EvalConfig(Section):
     empty_one: Literal["worst", "nan"] = Field("worst", description="Exactly one mask empty: worst (Dice 0, distances = diagonal) or nan.")
     batch_size: int = Field(16, ge=1, description="Slices (2D) or windows (3D) per forward at inference.")
     overlap: float = Field(0.5, ge=0, lt=1, description="3D sliding-window overlap between neighbouring windows.")
+    stride: list[int] | None = Field(None, description="3D sliding-window step in voxels per axis, instead of "
+                                     "eval.overlap (LA protocol: [18, 18, 4]).")
+    blend: Literal["gaussian", "constant"] = Field("gaussian", description="3D sliding-window weights: Gaussian, or "
+                                                    "constant = plain averaging of the softmax (UA-MT/BCP LA test).")
     largest_component: bool = Field(False, description="Test and predict: keep only the largest connected component "
                                      "of each class in every case (BCP's LA test, --nms 1); validation is unaffected.")
     upsample: Literal["labels", "logits"] = Field("labels", description="2D: how predictions return to the input size: "
                                                   "nearest-neighbour resize of the label map (ACDC protocol) or bilinear "
                                                   "resize of the logits, then argmax (HC18-lite).")
+
+
+    @field_validator("stride", mode="before")
+    @classmethod
+    def _one_stride_is_a_list(cls, v):
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("stride")
+    @classmethod
+    def _positive_stride(cls, v):
+        if v is not None and (not v or any(s < 1 for s in v)):
+            raise ValueError("stride needs positive voxel counts, one per axis (or one for all)")
+        return v
 
 
 class DistConfig(Section):

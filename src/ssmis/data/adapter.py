@@ -36,6 +36,7 @@ class DatasetInfo:
     spacing_known: bool
     class_names: list[str] | None = None
     eval_spatial_dims: int | None = None   # dims of eval items when they differ (ACDC: 2D slices, 3D volumes)
+    spacing_stated: tuple[float, ...] | None = None   # data.spacing, where the files carry none (not read from them)
 
 
 class DataError(UserError):
@@ -60,6 +61,11 @@ class Adapter(ABC):
     @classmethod
     def detect(cls, root: Path) -> bool:
         return False
+
+    @classmethod
+    def near_miss(cls, root: Path) -> str | None:
+        """When `detect` fails but some of the layout's files are there: what is missing (for the error message)."""
+        return None
 
     @abstractmethod
     def info(self) -> DatasetInfo: ...
@@ -116,11 +122,46 @@ def make_adapter(layout: str, root: str | Path | None, cfg: Any = None) -> Adapt
                             f"Set data.root (or ${DATA_ENV}), or data.layout=phantom.")
         layout = detect_layout(_existing_root(root, given))
     cls = LAYOUTS.get(layout, "data.layout")
+    if getattr(cfg, "restack_volumes", False) and layout != "ssl4mis_h5":
+        raise UserError("data.restack_volumes", f"applies to the ssl4mis_h5 layout only, not to {layout}",
+                        "Remove it (its volumes are stored whole).")
     if not cls.needs_root:
-        return cls(Path(given) if given is not None else None, cfg)
-    if root is None:
+        adapter = cls(Path(given) if given is not None else None, cfg)
+    elif root is None:
         raise UserError("data.root", f"layout {layout!r} needs a dataset root", f"Set data.root=PATH (or ${DATA_ENV}).")
-    return cls(_existing_root(root, given), cfg)
+    else:
+        adapter = cls(_existing_root(root, given), cfg)
+    spacing = getattr(cfg, "spacing", None)
+    return with_spacing(adapter, spacing) if spacing else adapter
+
+
+def with_spacing(adapter: Adapter, spacing: list[float]) -> Adapter:
+    """`adapter` whose samples carry the stated spacing (`data.spacing`, mm in array axis order; one value =
+    isotropic). Only for layouts whose files carry none: a stated spacing never replaces a stored one. 2D samples
+    of a 3D dataset (slices) get the last two values."""
+    info = adapter.info()
+    if info.spacing_known:
+        raise UserError("data.spacing", f"the {info.layout} layout stores the spacing of every case",
+                        "Remove data.spacing; it is for layouts whose files carry none (ssl4mis_h5, la_h5, folders).")
+    dims = max(info.spatial_dims, info.eval_spatial_dims or 0)
+    if len(spacing) not in (1, dims):
+        raise UserError("data.spacing", f"{list(spacing)} has {len(spacing)} values; {info.layout} data are {dims}D",
+                        f"Give one value (isotropic) or {dims} (mm, in the arrays' axis order).")
+    full = tuple(float(s) for s in spacing) * (dims if len(spacing) == 1 else 1)
+    load, base = adapter.load, adapter.info
+
+    def load_with_spacing(item: Item) -> dict:
+        sample = load(item)
+        sample["spacing"] = full[-(sample["image"].ndim - 1):]
+        return sample
+
+    def info_with_spacing() -> DatasetInfo:
+        i = base()
+        i.spacing_known, i.spacing_stated = True, full
+        return i
+
+    adapter.load, adapter.info = load_with_spacing, info_with_spacing
+    return adapter
 
 
 def detect_layout(root: Path) -> str:
@@ -132,7 +173,8 @@ def detect_layout(root: Path) -> str:
         raise UserError(str(root), "folder is empty", "Point to a dataset folder.")
     found = [n for n in LAYOUTS.list() if LAYOUTS.get(n).detect(root)]
     if not found:
-        raise UserError(str(root), "unknown data layout",
+        hints = [h for h in (LAYOUTS.get(n).near_miss(root) for n in LAYOUTS.list()) if h]
+        raise UserError(str(root), "unknown data layout" + "".join(f" ({h})" for h in hints),
                         f"Expected one of: {', '.join(LAYOUTS.list())} (see README, 'Data layouts'), or force one with --layout.")
     if len(found) > 1:
         raise UserError(str(root), f"matches several layouts ({', '.join(found)})", "Force one with --layout / data.layout.")

@@ -54,18 +54,21 @@ def random_geometry(image: Tensor, label: Tensor | None, gen: torch.Generator, k
     return img, lab
 
 
-def random_geometry_3d(image: Tensor, label: Tensor | None, gen: torch.Generator, kind: str = "ssl4mis"
-                       ) -> tuple[Tensor, Tensor | None]:
-    """Per sample B×C×D×H×W: rot90 in-plane (H, W) by k in 0..3, then a flip along H or W (UA-MT's RandomRotFlip)."""
+def random_geometry_3d(image: Tensor, label: Tensor | None, gen: torch.Generator, kind: str = "ssl4mis",
+                       plane: tuple[int, int] = (1, 2)) -> tuple[Tensor, Tensor | None]:
+    """Per sample B×C×D×H×W: rot90 in `plane` (two spatial axes; default H, W) by k in 0..3, then a flip along
+    one of those axes (UA-MT's RandomRotFlip, whose plane is the first two axes of LA's x, y, z arrays)."""
     if kind == "none":
         return image, label
     b = image.shape[0]
-    ks = _square_safe(torch.randint(0, 4, (b,), generator=gen), image.shape[-2:])
+    p0, p1 = plane
+    ks = _square_safe(torch.randint(0, 4, (b,), generator=gen), (image.shape[2 + p0], image.shape[2 + p1]))
     axes = torch.randint(0, 2, (b,), generator=gen)
-    img = torch.stack([torch.rot90(image[i], int(ks[i]), (2, 3)).flip(2 + int(axes[i])) for i in range(b)])
+    img = torch.stack([torch.rot90(image[i], int(ks[i]), (1 + p0, 1 + p1)).flip(1 + plane[int(axes[i])])
+                       for i in range(b)])
     lab = None
     if label is not None:
-        lab = torch.stack([torch.rot90(label[i], int(ks[i]), (1, 2)).flip(1 + int(axes[i])) for i in range(b)])
+        lab = torch.stack([torch.rot90(label[i], int(ks[i]), (p0, p1)).flip(plane[int(axes[i])]) for i in range(b)])
     return img.contiguous(), None if lab is None else lab.contiguous()
 
 

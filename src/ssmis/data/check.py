@@ -80,35 +80,47 @@ def check_dataset(root: str | Path, layout: str = "auto", num_classes: int | Non
     if not items:
         raise UserError(str(root), "no cases found", "Check the dataset folder.")
     k = num_classes or info.num_classes
-    stats, problems = _Stats(info, k), []
+    stats, problems, unread = _Stats(info, k), [], 0
     start = time.perf_counter()
     for it in tqdm(items, desc="reading", unit="case", file=sys.stderr, disable=None, leave=False):
         try:
-            problems += stats.add(adapter.load(it), it)
+            sample = adapter.load(it)
         except UserError as e:
             problems.append(str(e))
+            unread += 1
+            continue
         except Exception as e:  # noqa: BLE001  (one broken file must not stop the check of the others)
             problems.append(f"{it.source}: {type(e).__name__}: {e}")
+            unread += 1
+            continue
+        problems += stats.add(sample, it)
     seconds = time.perf_counter() - start
 
     same = {it.id for it in train} == {it.id for it in evals}
     n_unit = _describe(train, info.spatial_dims)
     e_unit = _describe(evals, info.eval_spatial_dims or info.spatial_dims)
     print(f"layout     {info.layout} ({root})")
+    if getattr(adapter, "case_folder", None) is not None:
+        print(f"files      {adapter.case_folder}")
     print(f"cases      {len(train)} {n_unit}" if same else f"cases      {len(train)} training {n_unit}, {len(evals)} eval {e_unit}")
     print(f"patients   {_patients(train)}" if same else f"patients   {_patients(train)} training, {_patients(evals)} eval")
-    print(f"read       {len(items)} cases in {seconds:.1f} s")
+    read = len(items) - unread
+    print(f"read       {read} of {len(items)} cases in {seconds:.1f} s"
+          + (f"; {unread} could not be read (problems below), the numbers below leave them out" if unread else ""))
     for n, (lo, hi) in sorted(stats.shapes.items()):
         print(f"shape      {n - 1}D  min {_fmt(lo, True)}  max {_fmt(hi, True)}")
     names = info.class_names if info.class_names and len(info.class_names) == k else None
     total = max(int(stats.counts.sum()), 1)
-    for c, count in enumerate(stats.counts):
+    if not read:
+        print("classes    none counted (no case could be read)")
+    for c, count in enumerate(stats.counts if read else []):
         name = f"{c} {names[c]}" if names else str(c)
         print(f"{'classes' if c == 0 else '':11s}{name}: {count} voxels ({100 * count / total:.2f} %)")
     for n, (lo, hi) in sorted(stats.spacings.items()):
         print(f"spacing    min {_fmt(lo, False)}  max {_fmt(hi, False)} mm")
     if not info.spacing_known:
-        print(f"spacing    warning: the {info.layout} layout stores no spacing; distances will be in pixels/voxels")
+        print(f"spacing    warning: the {info.layout} layout stores no spacing; distances will be in pixels/voxels "
+              "unless a known spacing is stated with data.spacing")
     for p in problems:
         print(f"problem    {p}")
     print(f"{len(problems)} problem{'' if len(problems) == 1 else 's'}")

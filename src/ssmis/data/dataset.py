@@ -43,6 +43,7 @@ class VolumeSet:
     cases: list[str]
     patch: tuple[int, int, int]
     fg_fraction: float = 0.33
+    plane: tuple[int, int] = (1, 2)      # spatial axes of the rot90/flip augmentation
 
     def __len__(self) -> int:
         return len(self.images)
@@ -72,13 +73,13 @@ class VolumeSet:
         crops = [self._crop(int(i), gen) for i in idx]
         img = torch.stack([c[0] for c in crops])
         lab = None if self.labels is None else torch.stack([c[1] for c in crops])
-        img, lab = random_geometry_3d(img, lab, gen, augment)
+        img, lab = random_geometry_3d(img, lab, gen, augment, self.plane)
         none = torch.full((len(idx),), -1)
         return intensity_jitter(img, gen, intensity), lab, none, none
 
 
 def build_volume_set(adapter: Adapter, items: list[Item], patch: tuple[int, int, int], labeled: bool,
-                     fg_fraction: float = 0.33, desc: str = "") -> VolumeSet:
+                     fg_fraction: float = 0.33, desc: str = "", plane: tuple[int, int] = (1, 2)) -> VolumeSet:
     if not items:
         raise UserError("split", f"the {desc or 'training'} set is empty", "Check split.labeled and the data.")
     imgs, labs, cases = [], [], []
@@ -98,7 +99,7 @@ def build_volume_set(adapter: Adapter, items: list[Item], patch: tuple[int, int,
         if p > m:
             raise UserError("data.patch_size", f"patch {list(patch)} is larger than every volume along axis {ax} "
                             f"(largest {m})", f"Use a patch of at most {list(largest)} (smaller volumes are padded).")
-    return VolumeSet(imgs, labs if labeled else None, cases, tuple(patch), fg_fraction)
+    return VolumeSet(imgs, labs if labeled else None, cases, tuple(patch), fg_fraction, tuple(plane))
 
 
 def _slices(sample: dict, axis: int) -> list[tuple[np.ndarray, np.ndarray | None, int, int]]:

@@ -33,11 +33,18 @@ def nifti_affine(spacing: tuple[float, float, float]) -> np.ndarray:
     return np.array([[-spacing[2], 0, 0, 12.5], [0, spacing[1], 0, -30.0], [0, 0, spacing[0], 4.0], [0, 0, 0, 1]])
 
 
+LA_FORMS = ("flat", "bcp", "uamt")
+
+
 def write_phantom(root: str | Path, layout: str, patients: int = 6, slices: int = 6, size: int = 32, seed: int = 0,
-                  *, outline: bool = False, msd: bool = False) -> Path:
-    """Write `patients` phantom patients under `root` in `layout`; returns `root`.
+                  *, outline: bool = False, msd: bool = False, la_form: str = "flat") -> Path:
+    """Write `patients` phantom patients under `root` in `layout`; returns `root` (la_h5 "uamt": the case folder).
 
     ssl4mis_h5 / la_h5: all but the last two patients train (slices resp. volumes), the last two evaluate.
+    la_h5 `la_form`: "flat" (`<case>/mri_norm2.h5` beside the lists, cases named patientNNN); the public forms, with
+    20-character case ids and volumes stored x, y, z (z = the slices) as LA's are: "bcp" (`train.list`, `test.list`
+    and `2018LA_Seg_Training Set/<case>/mri_norm2.h5` in `root`) and "uamt" (the same files; the returned root is
+    the `2018LA_Seg_Training Set` folder, the lists one level up, as UA-MT's --root_path).
     nnunet: the last patient goes to imagesTs/ (no label); two channels (image, 1 - image); `msd` writes the
     Decathlon form (one 4D file per case). folders: PNG slices, the last patient without masks.
     hc18: ellipses on (2·size)² images, subject 001 with a second view; `outline` writes thin outlines with a gap.
@@ -46,6 +53,8 @@ def write_phantom(root: str | Path, layout: str, patients: int = 6, slices: int 
     root.mkdir(parents=True, exist_ok=True)
     if layout == "hc18":
         _hc18(root, patients, 2 * size, seed, outline)
+    elif layout == "la_h5" and la_form != "flat":
+        return _la_public(root, phantom_cases(patients, slices, size, seed), la_form)
     else:
         {"ssl4mis_h5": _ssl4mis, "la_h5": _la, "nnunet": _nnunet, "folders": _folders}[layout](
             root, phantom_cases(patients, slices, size, seed), msd=msd)
@@ -81,6 +90,26 @@ def _la(root: Path, cases: list[Case], **_) -> None:
         _h5(root / case / "mri_norm2.h5", img, (lab > 0).astype(np.uint8))
     _lines(root / "train.list", [c[0] for c in cases[:-2]])
     _lines(root / "test.list", [c[0] for c in cases[-2:]])
+
+
+def la_case_ids(n: int, seed: int = 0) -> list[str]:
+    """`n` case ids shaped like LA's (20 upper-case letters and digits)."""
+    rng = np.random.default_rng(seed)
+    chars = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
+    return ["".join(rng.choice(chars, 20)) for _ in range(n)]
+
+
+def _la_public(root: Path, cases: list[Case], form: str) -> Path:
+    if form not in LA_FORMS:
+        raise ValueError(f"la_form {form!r} is not one of {LA_FORMS}")
+    from ssmis.data.la_h5 import CASE_FOLDER, VOLUME
+
+    ids = la_case_ids(len(cases))
+    for cid, (_, img, lab, _) in zip(ids, cases):
+        _h5(root / CASE_FOLDER / cid / VOLUME, img.transpose(1, 2, 0), (lab > 0).astype(np.uint8).transpose(1, 2, 0))
+    _lines(root / "train.list", ids[:-2])
+    _lines(root / "test.list", ids[-2:])
+    return root / CASE_FOLDER if form == "uamt" else root
 
 
 def _nifti(path: Path, arr: np.ndarray, spacing: tuple) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssmis.atomic import json_text
 from ssmis.data.adapter import Adapter, Item
 from ssmis.errors import UserError
 
@@ -23,7 +24,7 @@ class Splits:
     meta: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        return json_text(asdict(self))
 
     @classmethod
     def read(cls, path: str | Path) -> "Splits":

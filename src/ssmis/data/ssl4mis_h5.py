@@ -1,5 +1,5 @@
-"""HDF5 layouts of the semi-supervised literature, read in place: ACDC as SSL4MIS stores it (2D training
-slices, 3D val/test volumes) and LA as UA-MT stores it (3D volumes). The files carry no spacing.
+"""ACDC as SSL4MIS stores it, read in place: 2D training slices and 3D val/test volumes in HDF5 files, which
+carry no spacing. `read_list` and `read_h5` serve the LA layout (la_h5.py) too.
 """
 
 from __future__ import annotations
@@ -171,54 +171,3 @@ class SSL4MISAdapter(Adapter):
         if self._restack:
             meta["restacked_volumes"] = {"labeled": len(lab), "unlabeled": len(unl)}
         return Splits(lab, unl, list(val), list(test), meta)
-
-
-@LAYOUTS.register("la_h5")
-class LAAdapter(Adapter):
-    """LA as UA-MT stores it: `<case>/mri_norm2.h5` with `train.list` / `test.list` at the root (no val list).
-    Arrays are returned in their stored axis order, so the literature's 112×112×80 patches apply unchanged.
-    """
-
-    name = "la_h5"
-
-    @classmethod
-    def detect(cls, root: Path) -> bool:
-        return ((root / "train.list").is_file() and (root / "test.list").is_file()
-                and any(root.glob("*/mri_norm2.h5")))
-
-    @cached_property
-    def _lists(self) -> dict[str, list[str]]:
-        return {role: [ln.removesuffix("mri_norm2.h5").strip("/") for ln in read_list(self.root / f"{role}.list")]
-                for role in ("train", "test")}
-
-    @cached_property
-    def _k(self) -> int:
-        return getattr(self.cfg, "num_classes", None) or 2
-
-    def info(self) -> DatasetInfo:
-        return DatasetInfo(self.name, self._k, 3, 1, False, ["background", "left atrium"] if self._k == 2 else None)
-
-    def items(self, role):
-        cases = self._lists["train" if role == "train" else "test"]
-        return [Item(c, c, True, str(self.root / c / "mri_norm2.h5")) for c in cases]
-
-    def load(self, item: Item) -> dict:
-        image, label = read_h5(Path(item.source), 3, self._k, item.has_label)
-        sample = {"image": image[None], "case": item.id, "patient": item.patient, "spacing": None}
-        if label is not None:
-            sample["label"] = label
-        return sample
-
-    def fixed_eval_splits(self) -> tuple[list[str], list[str]]:
-        return [], list(self._lists["test"])
-
-    def protocol_splits(self, labeled: float, seed: int) -> Splits:
-        """The first N cases of train.list are labelled (N a count, or a fraction < 1 of train.list); test.list is test."""
-        train = self._lists["train"]
-        n = int(labeled) if labeled >= 1 else max(1, round(labeled * len(train)))
-        if n > len(train):
-            raise UserError("split.labeled", f"asks for {n} labelled cases but train.list has {len(train)}", "Lower it.")
-        meta = {"rule": "LA protocol (UA-MT): the first N cases of train.list are labelled, the rest unlabelled; "
-                        "test.list is test; LA has no val split (val is empty)",
-                "labeled_cases": n, "unlabeled_cases": len(train) - n, "test_cases": len(self._lists["test"]), "seed": seed}
-        return Splits(train[:n], train[n:], [], list(self._lists["test"]), meta)

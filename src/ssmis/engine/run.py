@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from ssmis.data.dataset import build_slice_set, build_volume_set
 from ssmis.data.splits import Splits, make_splits
 from ssmis.engine import dist
 from ssmis.engine.amp import resolve_precision
-from ssmis.atomic import atomic_write_text
+from ssmis.atomic import atomic_write_json, atomic_write_text
 from ssmis.engine.checkpoint import load_checkpoint
 from ssmis.engine.rundir import prepare_run_dir
 from ssmis.engine.trainer import MetricsLog, Trainer, TrainingDiverged, ValCase, validates_at_patch
@@ -62,6 +62,36 @@ def _splits_for_run(adapter, cfg: RunConfig, run_dir: Path | None, resuming: boo
     return splits
 
 
+def _check_window(stride: list[int] | None, patch: list[int]) -> None:
+    if stride is None:
+        return
+    if len(patch) != 3:
+        raise UserError("eval.stride", "a sliding-window stride applies to 3D patches only",
+                        "Remove eval.stride (2D models predict slice by slice).")
+    full = stride * 3 if len(stride) == 1 else stride
+    if len(full) != 3 or any(s > p for s, p in zip(full, patch)):
+        raise UserError("eval.stride", f"{stride} does not fit the patch {patch}",
+                        "Give one value or three, each at most the patch size along its axis.")
+
+
+def _counts_line(splits: Splits, labeled, unlabeled, val_cases, dims: int, method_cls, cfg: RunConfig) -> str:
+    """What the run trains and validates on, as the start line says it: the split's unlabelled cases are counted
+    even where the method does not use them."""
+    unit = "slices" if dims == 2 else "volumes"
+    parts = [f"{len(labeled)} labelled {unit} ({len(splits.labeled)} cases)"]
+    if unlabeled is not None:
+        parts.append(f"{len(unlabeled)} unlabelled {unit} ({len(splits.unlabeled)} cases)")
+    else:
+        why = (f"{cfg.method['name']} trains on labels only" if not method_cls.uses_unlabeled
+               else "train.unlabeled_bs=0")
+        parts.append(f"{len(splits.unlabeled)} unlabelled cases in the split, not used ({why})")
+    parts.append(f"{len(val_cases)} val cases" if val_cases else
+                 "no val cases (the 'best' checkpoint is the last step)")
+    if cfg.data.spacing:
+        parts.append(f"spacing {'×'.join(f'{v:g}' for v in cfg.data.spacing)} mm (data.spacing)")
+    return ", ".join(parts)
+
+
 def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=print,
           dinfo: dist.DistInfo = dist.DistInfo()) -> Trainer:
     t = cfg.train
@@ -91,6 +121,7 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
     if dims not in method_cls.spatial_dims:
         raise UserError("method.name", f"{cfg.method['name']} has no {dims}D form",
                         f"Use a {'3' if dims == 2 else '2'}D model and patch size.")
+    _check_window(cfg.eval.stride, cfg.data.patch_size)
     splits = _splits_for_run(adapter, cfg, run_dir, resuming, dinfo.is_main)
     by_id = {it.id: it for it in adapter.items("train") + adapter.items("eval")}
     patch = tuple(cfg.data.patch_size)
@@ -98,7 +129,8 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
     def training_set(ids, labeled, desc):
         items = [by_id[i] for i in ids]
         if dims == 3:
-            return build_volume_set(adapter, items, patch, labeled, cfg.data.fg_fraction, desc)
+            return build_volume_set(adapter, items, patch, labeled, cfg.data.fg_fraction, desc,
+                                    tuple(cfg.data.rot_plane))
         return build_slice_set(adapter, items, patch, labeled, cfg.data.slice_axis, cfg.data.image_order, desc,
                                cfg.data.pad_square)
 
@@ -145,10 +177,8 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
     net = method.eval_model()
     model_info = {"model_name": cfg.model.name, "model_args": dict(net.init_args),
                   "precision": precision.label, "config": cfg.model_dump(mode="json")}
-    unit = "slices" if dims == 2 else "volumes"
-    log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: {len(labeled)} labelled {unit} "
-        f"({len(splits.labeled)} cases), {len(unlabeled) if unlabeled is not None else 0} unlabelled, "
-        f"{len(val_cases)} val cases; {t.iterations} steps; augmentation "
+    log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: "
+        f"{_counts_line(splits, labeled, unlabeled, val_cases, dims, method_cls, cfg)}; {t.iterations} steps; augmentation "
         f"{t.augment if t.augment != 'auto' else method_cls.default_augment}; precision {precision.label} ({precision.reason}); "
         f"device {device}, {torch.get_num_threads()} threads" + (f", {dinfo.world} processes" if dinfo.active else ""))
     return Trainer(cfg, method, ctx, labeled, unlabeled, val_cases, precision, run_dir, device, model_info, log, dinfo)
@@ -165,6 +195,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, o
     dist.check_batch(dinfo.world, cfg.train.labeled_bs, cfg.train.unlabeled_bs)
     cfg_dict = cfg.model_dump(mode="json")
     error, resuming = None, False
+    empty_before = run_dir.is_dir() and not any(run_dir.iterdir())
     if dinfo.is_main:
         try:
             resuming = prepare_run_dir(run_dir, cfg_dict, resume, overwrite, default_config(cfg))
@@ -185,7 +216,16 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, o
         meta = {"ssmis": {"version": __version__, "torch": str(torch.__version__), "python": platform.python_version(),
                           "command": " ".join(sys.argv), "host_cpu": platform.processor() or platform.machine()}}
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(meta, sort_keys=False) + dump_config(cfg))
-    trainer = setup(cfg, run_dir, resuming, log, dinfo)
+    try:
+        trainer = setup(cfg, run_dir, resuming, log, dinfo)
+    except BaseException:
+        if log_file is not None:
+            log_file.close()
+        if dinfo.is_main and not resume:         # no half-made run: a retry needs no --overwrite
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if empty_before:
+                run_dir.mkdir(parents=True, exist_ok=True)
+        raise
     ckpt_step = None
     if resuming:
         state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -205,7 +245,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, o
     result.update({"run_dir": str(run_dir), "precision": trainer.precision.label, "world": dinfo.world})
     dist.barrier(dinfo)
     if trainer.step >= trainer.total and dinfo.is_main:
-        atomic_write_text(run_dir / "train_summary.json", json.dumps(result, indent=1))
+        atomic_write_json(run_dir / "train_summary.json", result)      # non-finite values as null
         from ssmis.eval.plots import plot_curves
 
         plot_curves(run_dir / "metrics.csv", run_dir / "plots" / "curves.png")

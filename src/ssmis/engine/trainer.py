@@ -20,6 +20,7 @@ from ssmis.engine.checkpoint import save_checkpoint
 from ssmis.engine.streams import Stream
 from ssmis.errors import UserError
 from ssmis.eval.inference import dice_per_class, predict_case
+from ssmis.eval.report import selection_rule
 from ssmis.methods.base import Batch, BuildContext, Method
 from ssmis.plugins.base import sum_over_processes
 from ssmis.schedules import lr_factor
@@ -341,10 +342,12 @@ class Trainer:
                 break
         bar.close()
         dist.average_buffers(self.dist, self.ctx.modules.values())
-        if not self.val_cases:
+        if not self.val_cases:                   # nothing to select on: "best" is the last step, and says so
             self._save("best")
             self.best_step = self.step
-        return {"step": self.step, "best_val_dice": self.best, "best_step": self.best_step,
+            self.log_fn(f"no validation cases: checkpoints/best.pt is the last step ({self.step}), as last.pt")
+        return {"step": self.step, "best_val_dice": self.best if math.isfinite(self.best) else None,
+                "best_step": self.best_step, "selection": selection_rule(bool(self.val_cases)),
                 "seconds": time.perf_counter() - start_time,
                 "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None}
 

@@ -95,7 +95,10 @@ def predict_case(model: nn.Module, image: np.ndarray, cfg, device: torch.device,
     if len(patch) == 3:
         from ssmis.eval.sliding_window import predict_volume
 
-        return predict_volume(model, image, patch, overlap=cfg.eval.overlap, batch_size=cfg.eval.batch_size,
+        stride = cfg.eval.stride
+        window = ({"stride": tuple(stride) * (3 if len(stride) == 1 else 1)} if stride
+                  else {"overlap": cfg.eval.overlap})
+        return predict_volume(model, image, patch, **window, mode=cfg.eval.blend, batch_size=cfg.eval.batch_size,
                               device=device, autocast=autocast)
     return predict_slicewise(model, image, patch, image_order=cfg.data.image_order, slice_axis=cfg.data.slice_axis,
                              batch_size=cfg.eval.batch_size, device=device, channels_last=precision.channels_last,

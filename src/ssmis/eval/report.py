@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ssmis import __version__
-from ssmis.atomic import atomic_write_text
+from ssmis.atomic import atomic_write_json, atomic_write_text
 from ssmis.eval.metrics import NOTES, aggregate
 
 CSV_COLUMNS = ("case", "patient", "class", "dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm",
                "gt_voxels", "pred_voxels", "note")
+
+
+def selection_rule(validated: bool) -> str:
+    """How checkpoints/best.pt was chosen: by validation Dice, or (no validation cases) the last step."""
+    return "best validation Dice" if validated else "last step (no validation cases)"
 
 
 def write_report(rows: Sequence[dict], out_dir: Path, conventions: Mapping) -> dict:
@@ -28,7 +32,7 @@ def write_report(rows: Sequence[dict], out_dir: Path, conventions: Mapping) -> d
     summary = {"written_by": f"ssmis {__version__}", "conventions": dict(conventions), "counts": _counts(rows),
                **aggregate(rows)}
     atomic_write_text(out_dir / "per_case.csv", _csv_text(rows))
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out_dir / "summary.json", summary, indent=2)     # NaN/Infinity written as null
     return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -12,7 +13,7 @@ from ssmis.data.adapter import make_adapter
 from ssmis.data.splits import Splits
 from ssmis.errors import UserError
 from ssmis.eval.metrics import case_metrics
-from ssmis.eval.report import format_table, write_report
+from ssmis.eval.report import format_table, selection_rule, write_report
 from ssmis.predict import load_trained_model
 
 
@@ -28,11 +29,47 @@ def load_run(run_dir: Path):
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", quiet: bool = False,
-                 largest_component: bool | None = None) -> dict:
+                 largest_component: bool | None = None, cases: list[str] | None = None,
+                 max_cases: int | None = None) -> dict:
     """Score one checkpoint of a run on its `split`; writes eval/<split>-<checkpoint>/ and returns the summary.
     `largest_component` overrides the run's eval.largest_component; the report then goes to a folder
-    ending in -lcc (on) or -raw (off), so the run's own report is never replaced."""
-    return evaluate_checkpoints(run_dir, split, (checkpoint,), quiet, largest_component)[checkpoint]
+    ending in -lcc (on) or -raw (off), so the run's own report is never replaced. `cases` (ids of the split) or
+    `max_cases` (its first N) score a subset, reported in a folder ending in -cases<N> or -first<N>."""
+    return evaluate_checkpoints(run_dir, split, (checkpoint,), quiet, largest_component, cases, max_cases)[checkpoint]
+
+
+def _subset(ids: list[str], split: str, cases: list[str] | None, max_cases: int | None) -> tuple[list[str], str, str]:
+    """(case ids to score, report-folder suffix, description) for the whole split or a subset of it."""
+    if cases and max_cases:
+        raise UserError("ssmis eval", "--cases and --max-cases cannot be combined", "Use one of them.")
+    if cases:
+        unknown = [c for c in cases if c not in ids]
+        if unknown:
+            raise UserError("--cases", f"{unknown[:3]} not in the {split} split",
+                            f"Choose among its {len(ids)} cases (splits.json), e.g. {ids[:3]}.")
+        chosen = list(dict.fromkeys(cases))
+        return chosen, f"-cases{len(chosen)}", f"subset: {len(chosen)} chosen of the {len(ids)} {split} cases"
+    if max_cases is not None:
+        if max_cases < 1:
+            raise UserError("--max-cases", f"{max_cases} is not a case count", "Give N >= 1.")
+        if max_cases < len(ids):
+            what = f"subset: the first {max_cases} of the {len(ids)} {split} cases"
+            return ids[:max_cases], f"-first{max_cases}", what
+    return list(ids), "", f"all {len(ids)} {split} cases"
+
+
+def _spacing_note(cfg, info) -> str:
+    if cfg.data.spacing:
+        return f"data.spacing {cfg.data.spacing} mm (stated in the config; the files carry none)"
+    return "from the files" if info.spacing_known else "unknown (the files carry none; set data.spacing for mm)"
+
+
+def _window(cfg) -> str:
+    if len(cfg.data.patch_size) == 2:
+        return (f"slice-wise at {cfg.data.patch_size}, image order {cfg.data.image_order}, "
+                "labels resized back with order 0")
+    step = f"stride {cfg.eval.stride}" if cfg.eval.stride else f"overlap {cfg.eval.overlap}"
+    return f"sliding window {cfg.data.patch_size}, {step}, {cfg.eval.blend} weights"
 
 
 def _same_weights(a, b) -> bool:
@@ -41,21 +78,25 @@ def _same_weights(a, b) -> bool:
 
 
 def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=("best", "last"),
-                         quiet: bool = False, largest_component: bool | None = None) -> dict[str, dict]:
+                         quiet: bool = False, largest_component: bool | None = None, cases: list[str] | None = None,
+                         max_cases: int | None = None) -> dict[str, dict]:
     """Score several checkpoints of a run; a checkpoint holding the same weights as one already scored (best
-    validation at the last step) reuses its predictions instead of predicting every case again."""
+    validation at the last step) reuses its predictions instead of predicting every case again. Each case's
+    time and Dice go to the run's log.txt (and to stderr unless `quiet`)."""
     run_dir = Path(run_dir)
     cfg, splits = load_run(run_dir)
-    adapter = make_adapter(cfg.data.layout, cfg.data.root, cfg.data)
-    info = adapter.info()
-    by_id = {it.id: it for it in adapter.items("train") + adapter.items("eval")}
     ids = getattr(splits, split)
     if not ids:
         raise UserError(f"{run_dir}/splits.json", f"the {split} split is empty", "Choose another --split.")
+    ids, subset_suffix, scored_cases = _subset(ids, split, cases, max_cases)
+    adapter = make_adapter(cfg.data.layout, cfg.data.root, cfg.data)
+    info = adapter.info()
+    by_id = {it.id: it for it in adapter.items("train") + adapter.items("eval")}
     num_classes = cfg.data.num_classes or info.num_classes
     suffix = ""
     if largest_component is not None and largest_component != cfg.eval.largest_component:
         suffix = "-lcc" if largest_component else "-raw"
+    suffix += subset_suffix
     lcc = cfg.eval.largest_component if largest_component is None else largest_component
     scored: list[tuple[object, list[dict]]] = []        # (model, rows) of the checkpoints predicted so far
     out = {}
@@ -65,27 +106,44 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=(
         rows = next((r for m, r in scored if m.state_step == model.state_step and _same_weights(m, model)), None)
         if rows is None:
             rows = []
-            for cid in tqdm(ids, desc=f"eval {split} ({checkpoint})", disable=quiet, file=sys.stderr):
+            bar = tqdm(ids, desc=f"eval {split} ({checkpoint})", disable=quiet, file=sys.stderr)
+            for i, cid in enumerate(bar, 1):
+                start = time.perf_counter()
                 it = by_id[cid]
                 s = adapter.load(it)
                 pred = model.predict(s["image"])
-                for r in case_metrics(pred, s["label"], range(1, num_classes), s.get("spacing"), cfg.eval.hd95,
-                                      cfg.eval.empty_both, cfg.eval.empty_one):
-                    rows.append({"case": cid, "patient": it.patient, **r})
+                case_rows = case_metrics(pred, s["label"], range(1, num_classes), s.get("spacing"), cfg.eval.hd95,
+                                         cfg.eval.empty_both, cfg.eval.empty_one)
+                rows += [{"case": cid, "patient": it.patient, **r} for r in case_rows]
+                dice = [r["dice"] for r in case_rows if r["dice"] == r["dice"]]       # NaN (both empty) left out
+                mean_dice = sum(dice) / len(dice) if dice else float("nan")
+                line = (f"eval {split} ({checkpoint} checkpoint) case {i}/{len(ids)} {cid}: "
+                        f"{time.perf_counter() - start:.1f} s, Dice {mean_dice:.4f}")
+                _append_log(run_dir, line)
+                if not quiet:
+                    bar.write(line, file=sys.stderr)
             scored.append((model, rows))
         conventions = {"split": split, "checkpoint": checkpoint, "step": model.state_step,
-                       "selection": "best validation Dice" if checkpoint == "best" else "last step",
+                       "selection": selection_rule(bool(splits.val)) if checkpoint == "best" else "last step",
+                       "cases": scored_cases,
                        "hd95": cfg.eval.hd95, "empty_both": cfg.eval.empty_both, "empty_one": cfg.eval.empty_one,
-                       "inference": (f"slice-wise at {cfg.data.patch_size}, image order {cfg.data.image_order}, "
-                                     "labels resized back with order 0") if len(cfg.data.patch_size) == 2 else
-                                    (f"sliding window {cfg.data.patch_size}, overlap {cfg.eval.overlap}, Gaussian weights"),
+                       "inference": _window(cfg),
                        "postprocess": "largest connected component per class" if lcc else "none",
                        "precision": model.precision.label,
+                       "spacing": _spacing_note(cfg, info),
                        "units": "vox and mm" if info.spacing_known else "vox (dataset has no spacing)"}
+        if subset_suffix:
+            conventions["case_ids"] = list(ids)
         summary = write_report(rows, run_dir / "eval" / f"{split}-{checkpoint}{suffix}", conventions)
         if not quiet:
             names = dict(enumerate(info.class_names)) if info.class_names else None
-            print(f"{run_dir} ({checkpoint} checkpoint, step {model.state_step}, {split}: {len(ids)} cases)")
+            print(f"{run_dir} ({checkpoint} checkpoint = {conventions['selection']}, step {model.state_step}, "
+                  f"{split}: {scored_cases})")
             print(format_table(summary, names))
         out[checkpoint] = summary
     return out
+
+
+def _append_log(run_dir: Path, line: str) -> None:
+    with open(run_dir / "log.txt", "a") as f:
+        f.write(line + "\n")
