@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ssmis.demo import METHODS, SEMI, demo_config
+from ssmis.engine import threads
 from ssmis.engine.run import train
 from _common import ROOT, section  # noqa: E402  (benchmarks/ is the script folder)
 
@@ -24,7 +25,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--write", action="store_true", help="write docs/demo.md")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    threads.assign(a.threads, f"--threads {a.threads}")   # runs set up below keep this share
     base = METHODS[0][1]
     rows, gaps, precision = [], [], ""
     for seed in a.seeds:

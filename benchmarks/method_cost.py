@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ssmis.config import load_config
+from ssmis.engine import threads
 from ssmis.engine.run import setup
 from ssmis.registry import METHODS
 from _common import record, section  # noqa: E402  (benchmarks/ is the script folder)
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    threads.assign(a.threads, f"--threads {a.threads}")   # runs set up below keep this share
     methods = a.methods or METHODS.list()
     if "mean_teacher" not in methods:
         methods = ["mean_teacher", *methods]

@@ -53,6 +53,7 @@ def random_batches(nl=2, nu=2, size=16, classes=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     lb = Batch(torch.rand(nl, 1, size, size, generator=g), torch.randint(0, classes, (nl, size, size), generator=g))
     ub = Batch(torch.rand(nu, 1, size, size, generator=g))
+    ub.mix = Batch(torch.rand(nu, 1, size, size, generator=g))     # the independent batch of mix_batch methods
     return lb, ub
 
 

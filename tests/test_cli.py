@@ -220,7 +220,7 @@ def test_train_device_flag_is_a_config_override(tmp_path, monkeypatch):
 
 def test_list_models_layouts_and_methods_by_pattern(capsys):
     assert main(["list", "models"]) == 0
-    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"unet2d", "unet3d", "vnet"}
+    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"resnet34_unet", "resnet34_vnet", "unet2d", "unet3d", "vnet"}
     assert main(["list", "layouts", "*h5"]) == 0
     assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"la_h5", "ssl4mis_h5"}
     assert main(["list", "methods", "mean_*"]) == 0

@@ -123,12 +123,13 @@ def test_fixmatch_confidence_mask():
 # ---- FixMatch 2: CutMix bookkeeping ----------------------------------------------------------------
 
 def test_fixmatch_cutmix_bookkeeping(monkeypatch):
-    """Inside the box: the partner's strong view, and its eval-mode pseudo-label and confidence mask;
-    outside: the sample's own strong view and train-mode pseudo-label."""
+    """Inside the box: the strong view of the sample's partner in the independent mix batch, and the partner's
+    eval-mode pseudo-label and confidence mask; outside: the sample's own strong view and train-mode pseudo-label."""
     m, ctx = make_method(FixMatch, cutmix_p=1.0)
     net = ctx.modules["student"]
     lb, ub = batches(nu=4)
-    partner = ub.image.roll(1, 0)
+    partner = ub.mix.image
+    assert not torch.equal(partner, ub.image)
     mix_lab, mix_conf = eval_prediction(net, partner)
     tau = float(mix_conf.median())                  # about half of the partner's pixels confident
     m.cfg.threshold = tau
@@ -226,7 +227,7 @@ def test_unimatch_two_independent_boxes_labelled_from_the_mix_prediction(monkeyp
     m, ctx = make_method(UniMatch, cutmix_p=1.0)
     net = ctx.modules["student"]
     lb, ub = batches(nu=4)
-    mix_lab, mix_conf = eval_prediction(net, ub.image.roll(1, 0))
+    mix_lab, mix_conf = eval_prediction(net, ub.mix.image)
     tau = float(mix_conf.median())
     m.cfg.threshold = tau
     boxes, losses, labels_spy = Spy(strong.cutmix_box), Spy(pseudo.pseudo_label_loss), Spy(pseudo.pseudo_label)
@@ -342,3 +343,33 @@ def test_learns_on_the_phantom(method, tmp_path):
     r = train(cfg, out=tmp_path / method, progress=False)
     dice = r["test_last"]["mean"]["dice"]
     assert dice >= 0.5, f"{method}: test Dice {dice:.3f} (measured {measured})"
+
+
+# ---- the mix batch: independent of the main unlabelled batch (UniMatch's second loader) -------------------
+
+@pytest.mark.parametrize("name", ["fixmatch", "unimatch"])
+def test_mix_partners_come_from_an_independent_stream(name):
+    from conftest import small_config
+    from ssmis.engine.run import setup
+
+    trainer = setup(small_config(name, 5), None, log=lambda m: None)
+    pairs = []
+    for _ in range(6):
+        lb, ub = trainer._batches()
+        assert ub.mix is not None and ub.mix.image.shape == ub.image.shape and ub.mix.label is None
+        pairs.append((ub.index, ub.mix.index))
+    main = torch.cat([p[0] for p in pairs])
+    mix = torch.cat([p[1] for p in pairs])
+    assert not torch.equal(main, mix)
+    assert not any(torch.equal(p[1], p[0].roll(1, 0)) for p in pairs)       # no longer sample i-1
+    assert (main != mix).float().mean() > 0.5
+    state = trainer.state_dict()["streams"]
+    assert state["mix"]["drawn"] == state["unlabeled"]["drawn"] == 6 * trainer.cfg.train.unlabeled_bs
+
+
+def test_methods_without_mix_batch_draw_no_mix_stream():
+    from conftest import small_config
+    from ssmis.engine.run import setup
+
+    trainer = setup(small_config("mean_teacher", 5), None, log=lambda m: None)
+    assert trainer.mix_source is None and trainer._batches()[1].mix is None

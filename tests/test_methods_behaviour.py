@@ -77,7 +77,7 @@ def test_teacher_is_not_trained():
     assert all(id(p) not in in_opt for p in teacher.parameters())
     assert all(id(p) in in_opt for p in student.parameters())
     assert all(not p.requires_grad for p in teacher.parameters())
-    lb, ub = trainer._batch(trainer.labeled, trainer.lb_stream, True), trainer._batch(trainer.unlabeled, trainer.ub_stream, False)
+    lb, ub = trainer._batches()
     out = trainer.method.train_step(lb, ub, 200)
     out.loss.backward()
     assert all(p.grad is None for p in teacher.parameters())

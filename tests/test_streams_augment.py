@@ -86,7 +86,7 @@ def test_supervised_never_touches_the_unlabelled_set(monkeypatch):
     monkeypatch.setattr(PhantomAdapter, "load", lambda self, item: loaded.append(item.id) or real_load(self, item))
     cfg = small_config("supervised", 50, "train.labeled_bs=4", "train.unlabeled_bs=4")
     trainer = setup(cfg, None, log=lambda m: None)
-    assert trainer.unlabeled is None and trainer.ub_stream is None
+    assert trainer.unlabeled is None and trainer.ub_source is None
     from ssmis.data.splits import make_splits
     from ssmis.data.adapter import make_adapter
 
@@ -117,7 +117,7 @@ def test_mean_teacher_draws_both_streams():
     from ssmis.engine.run import setup
 
     trainer = setup(small_config("mean_teacher", 5), None, log=lambda m: None)
-    assert trainer.unlabeled is not None and trainer.ub_stream is not None
+    assert trainer.unlabeled is not None and trainer.ub_source is not None
     assert trainer.unlabeled.labels is None                 # unlabelled masks are never carried
     assert len(trainer.unlabeled) == 3 * 8 and len(trainer.labeled) == 2 * 8
     assert set(trainer.labeled.cases).isdisjoint(trainer.unlabeled.cases)

@@ -262,15 +262,15 @@ def machine_info() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "os": platform.system()}
 
 
-def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: int | None = None) -> dict:
-    """Train (or resume, or only evaluate) one cell; returns {"cell", "action"} or {"cell", "error"}.
+def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: tuple[int, str] | None = None) -> dict:
+    """Train (or resume, or only evaluate) one cell; returns {"cell", "action"} or {"cell", "error"}. `threads`:
+    (count, why), this worker's share of the cores (ssmis.engine.threads), unless the cell sets train.threads.
 
     Exceptions are returned as text: cells in worker processes must not send exceptions back (UserError does not
     survive pickling), and one failing cell must not stop the others.
     """
-    import torch
-
     from ssmis.config import load_config
+    from ssmis.engine import threads as thread_share
     from ssmis.engine.checkpoint import load_checkpoint
     from ssmis.engine.run import train
     from ssmis.eval.run_eval import evaluate_checkpoints
@@ -278,8 +278,8 @@ def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: int |
     d = Path(run_dir)
     try:
         cfg = load_config(None, data=cfg_data)
-        if threads and not cfg.train.threads:
-            torch.set_num_threads(threads)
+        if threads:
+            thread_share.assign(*threads)
         state = cell_state(d)
         if state == "finished":
             return {"cell": d.name, "action": "skipped"}
@@ -316,9 +316,15 @@ def _run_all(cells: list[Cell], jobs: int, progress: bool) -> list[dict]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    import torch
+
+    from ssmis.engine.threads import thread_budget
+
     workers = min(jobs, len(cells))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    print(f"training {len(cells)} cells, {workers} at a time ({threads} threads each)", file=sys.stderr)
+    cuda = torch.cuda.is_available() and any(c.cfg.train.device != "cpu" for c in cells)
+    threads = thread_budget("cuda" if cuda else "cpu", os.cpu_count() or 1, 1, None, jobs=workers)
+    print(f"training {len(cells)} cells, {workers} at a time ({threads[0]} threads each: {threads[1]}; "
+          "a cell's train.threads wins)", file=sys.stderr)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
         futures = [pool.submit(run_cell, c.cfg.model_dump(mode="json"), str(c.dir), False, threads) for c in cells]

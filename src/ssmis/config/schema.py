@@ -33,6 +33,12 @@ class DataConfig(Section):
                                   "(stack <volume>_slice_K in K order) for 3D training.")
     slice_axis: int = Field(0, ge=0, le=2, description="Axis of 3D volumes along which 2D slices are taken (array order D,H,W).")
     image_order: int = Field(0, ge=0, le=3, description="Spline order when resizing images to the patch (ACDC protocol: 0).")
+    augment_at: Literal["source", "patch"] = Field("source", description="2D: where the geometric augmentation "
+                                                   "acts: `source` = on the stored slice at its own size, then the "
+                                                   "zoom to the patch, in one resample per batch on the training "
+                                                   "device (SSL4MIS RandomGenerator's order); `patch` = slices resized "
+                                                   "to the patch at load, augmented there (ACDC-lite's benchmark "
+                                                   "generation 1; moves foreground pixels of rotated non-square slices).")
     pad_square: bool = Field(False, description="2D: zero-pad each slice symmetrically to a square before resizing it "
                              "to the patch, so the aspect ratio is kept (HC18-lite); predictions are cropped back.")
     mask_values: dict[int, int] | None = Field(None, description="Image-folder layout: mask pixel value -> class index.")
@@ -99,9 +105,12 @@ class TrainConfig(Section):
         "auto", description="Geometric augmentation (methods.md, Augmentation); auto = the method's own "
                             "(SSL4MIS RandomGenerator, or the BCP variant for BCP, ABD, FixMatch, UniMatch).")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="Mixed precision; auto = bf16 only where the hardware computes it natively.")
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="Memory format; auto = channels_last on CPU.")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="Memory format; auto = channels_last for 2D on CPU and CUDA, contiguous in 3D.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device; auto = cuda when available.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: all cores).")
+    prefetch: Literal["auto", "on", "off"] = Field("auto", description="Make each batch one step ahead in a "
+                                                   "thread (same batches, exact resume); auto = on when training on "
+                                                   "a GPU, where the CPU work (3D crops) then overlaps the step.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: the cores divided among the processes on this machine (torchrun, bench --jobs), at most 4 on CUDA.")
     deterministic: bool = Field(False, description="Deterministic algorithms (needed for bitwise-exact resume).")
     eval_every: int = Field(200, ge=0, description="Validate every N steps (0 = only at the end).")
     ckpt_every: int = Field(200, ge=1, description="Write last.pt every N steps.")
@@ -115,7 +124,7 @@ class TrainConfig(Section):
                                                  "(ACDC-lite) or at the patch size, against the label padded and "
                                                  "resized like the training masks (HC18-lite: at 256x256).")
 
-    @field_validator("amp", "channels_last", mode="before")
+    @field_validator("amp", "channels_last", "prefetch", mode="before")
     @classmethod
     def _yaml_booleans(cls, v):
         # YAML reads a bare off/on as a boolean

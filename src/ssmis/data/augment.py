@@ -12,7 +12,7 @@ from torch import Tensor
 
 def rotate_nearest(x: Tensor, angles_deg: Tensor) -> Tensor:
     """Rotate each B×C×H×W sample about its centre by its angle, nearest neighbour, zero fill."""
-    t = angles_deg.to(torch.float32) * math.pi / 180
+    t = angles_deg.to(x.device, torch.float32) * math.pi / 180
     cos, sin = torch.cos(t), torch.sin(t)
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
@@ -79,4 +79,4 @@ def intensity_jitter(image: Tensor, gen: torch.Generator, strength: float) -> Te
     shape = (image.shape[0],) + (1,) * (image.ndim - 1)
     a = (torch.rand(shape, generator=gen) * 2 - 1) * strength
     b = (torch.rand(shape, generator=gen) * 2 - 1) * strength
-    return image * (1 + a) + b
+    return image * (1 + a.to(image.device)) + b.to(image.device)      # drawn on the CPU: same on any device

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ssmis.data.adapter import Adapter, Item
 from ssmis.data.augment import intensity_jitter, random_geometry, random_geometry_3d
+from ssmis.data.resample import build_source_slice_set
 from ssmis.data.resize import pad_to_square, resize2d
 from ssmis.errors import UserError
 
@@ -28,6 +29,10 @@ class SliceSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def to(self, device: torch.device) -> "SliceSet":
+        return SliceSet(self.images.to(device), None if self.labels is None else self.labels.to(device),
+                        self.cases, self.slice_index, self.num_slices)
 
     def batch(self, idx: Tensor, gen: torch.Generator, augment: str, intensity: float = 0.0):
         img, lab = random_geometry(self.images[idx], None if self.labels is None else self.labels[idx], gen, augment)
@@ -115,24 +120,37 @@ def _slices(sample: dict, axis: int) -> list[tuple[np.ndarray, np.ndarray | None
     return out
 
 
-def build_slice_set(adapter: Adapter, items: list[Item], patch: tuple[int, int], labeled: bool,
-                    slice_axis: int = 0, image_order: int = 0, desc: str = "", pad_square: bool = False) -> SliceSet:
+def decoded_slices(adapter: Adapter, items: list[Item], labeled: bool, slice_axis: int = 0, desc: str = ""):
+    """Every 2D slice of the items, each case decoded once: (item, image C×h×w, label h×w or None, position,
+    count)."""
     if not items:
         raise UserError("split", f"the {desc or 'training'} set is empty", "Check split.labeled and the data.")
-    imgs, labs, cases, pos, nums = [], [], [], [], []
     for it in tqdm(items, desc=f"loading {desc}", leave=False, disable=len(items) < 50):
         sample = adapter.load(it)
         if labeled and sample.get("label") is None:
             raise UserError(it.source, "a labelled case has no label", "Check the dataset or the split.")
         for im, lb, k, n in _slices(sample, slice_axis):
-            if pad_square:
-                im = pad_to_square(im)[0]
-                lb = None if lb is None else pad_to_square(lb)[0]
-            imgs.append(resize2d(im, patch, image_order).astype(np.float32))
-            if labeled:
-                labs.append(resize2d(lb, patch, 0).astype(np.int64))
-            cases.append(it.id)
-            pos.append(k)
-            nums.append(n)
+            yield it, im, lb, k, n
+
+
+def build_slice_set(adapter: Adapter, items: list[Item], patch: tuple[int, int], labeled: bool,
+                    slice_axis: int = 0, image_order: int = 0, desc: str = "", pad_square: bool = False,
+                    augment_at: str = "patch"):
+    """The 2D training set: slices kept at their own size (`augment_at=source`, see data/resample.py) or
+    resized to the patch at load (`patch`)."""
+    slices = decoded_slices(adapter, items, labeled, slice_axis, desc)
+    if augment_at == "source":
+        return build_source_slice_set(slices, patch, labeled, image_order, pad_square)
+    imgs, labs, cases, pos, nums = [], [], [], [], []
+    for it, im, lb, k, n in slices:
+        if pad_square:
+            im = pad_to_square(im)[0]
+            lb = None if lb is None else pad_to_square(lb)[0]
+        imgs.append(resize2d(im, patch, image_order).astype(np.float32))
+        if labeled:
+            labs.append(resize2d(lb, patch, 0).astype(np.int64))
+        cases.append(it.id)
+        pos.append(k)
+        nums.append(n)
     return SliceSet(torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(labs)) if labeled else None,
                     cases, torch.tensor(pos), torch.tensor(nums))

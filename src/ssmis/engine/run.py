@@ -16,7 +16,7 @@ from ssmis.config import RunConfig, dump_config, load_config
 from ssmis.data.adapter import make_adapter
 from ssmis.data.dataset import build_slice_set, build_volume_set
 from ssmis.data.splits import Splits, make_splits
-from ssmis.engine import dist
+from ssmis.engine import dist, threads
 from ssmis.engine.amp import resolve_precision
 from ssmis.atomic import atomic_write_json, atomic_write_text
 from ssmis.engine.checkpoint import load_checkpoint
@@ -95,12 +95,11 @@ def _counts_line(splits: Splits, labeled, unlabeled, val_cases, dims: int, metho
 def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=print,
           dinfo: dist.DistInfo = dist.DistInfo()) -> Trainer:
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    device = pick_device(t.device)
+    _, threads_why = threads.apply(device.type, t.threads)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
-    device = pick_device(t.device)
     precision = resolve_precision(t.amp, t.channels_last, device, len(cfg.data.patch_size))
     method_cls = METHODS.get(cfg.method["name"], "method.name")
     mcfg = method_cls.Config.model_validate(cfg.method)
@@ -132,7 +131,7 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
             return build_volume_set(adapter, items, patch, labeled, cfg.data.fg_fraction, desc,
                                     tuple(cfg.data.rot_plane))
         return build_slice_set(adapter, items, patch, labeled, cfg.data.slice_axis, cfg.data.image_order, desc,
-                               cfg.data.pad_square)
+                               cfg.data.pad_square, cfg.data.augment_at).to(device)   # augmented where it trains
 
     labeled = training_set(splits.labeled, True, "labelled")
     unlabeled = None
@@ -147,8 +146,19 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
             label = label_at_patch(label, patch, cfg.data.slice_axis, cfg.data.pad_square)
         val_cases.append(ValCase(i, s["image"], label))
 
-    def make_model():
-        m = build_model(cfg.model, channels, num_classes).to(device)
+    def make_model(name: str | None = None, **args):
+        """The run's model (cfg.model), or a second architecture by registry name (method.net2 of two-network
+        methods) with the run's channels and classes and its own defaults unless `args` say otherwise."""
+        if name is None:
+            m = build_model(cfg.model, channels, num_classes)
+        else:
+            cls = MODELS.get(name, "method.net2")
+            if cls.spatial_dims != dims:
+                raise UserError("method.net2", f"{name} is a {cls.spatial_dims}D model but data.patch_size "
+                                f"{cfg.data.patch_size} is {dims}D", f"Give {cfg.method['name']} a {dims}D second "
+                                f"network ({', '.join(n for n in MODELS.list() if MODELS.get(n).spatial_dims == dims)}).")
+            m = cls(in_channels=channels, num_classes=num_classes, **args)
+        m = m.to(device)
         if dinfo.active and cfg.dist.sync_bn:
             m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
         if not precision.channels_last:
@@ -180,7 +190,8 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
     log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: "
         f"{_counts_line(splits, labeled, unlabeled, val_cases, dims, method_cls, cfg)}; {t.iterations} steps; augmentation "
         f"{t.augment if t.augment != 'auto' else method_cls.default_augment}; precision {precision.label} ({precision.reason}); "
-        f"device {device}, {torch.get_num_threads()} threads" + (f", {dinfo.world} processes" if dinfo.active else ""))
+        f"device {device}, {torch.get_num_threads()} threads ({threads_why})"
+        + (f", {dinfo.world} processes" if dinfo.active else ""))
     return Trainer(cfg, method, ctx, labeled, unlabeled, val_cases, precision, run_dir, device, model_info, log, dinfo)
 
 

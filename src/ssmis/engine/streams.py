@@ -28,14 +28,19 @@ class Stream:
             self._perm_cache = {p: torch.randperm(self.n, generator=g)}
         return self._perm_cache[p]
 
+    def at(self, drawn: int) -> tuple[torch.Tensor, torch.Generator]:
+        """The draw after `drawn` samples: this rank's indices and the generator of their augmentation (a pure
+        function of the position, so a batch can be made ahead of its step)."""
+        local = self.bs // self.world
+        ks = range(drawn + self.rank * local, drawn + (self.rank + 1) * local)
+        idx = torch.stack([self._perm(k // self.n)[k % self.n] for k in ks])
+        return idx, torch.Generator().manual_seed(_seed(self.seed, self.sid, drawn // self.bs, self.rank, 7))
+
     def next(self) -> tuple[torch.Tensor, torch.Generator]:
         """Indices of this rank's share of the next global batch, and a generator for its augmentation."""
-        draw = self.drawn // self.bs
-        local = self.bs // self.world
-        ks = range(self.drawn + self.rank * local, self.drawn + (self.rank + 1) * local)
-        idx = torch.stack([self._perm(k // self.n)[k % self.n] for k in ks])
+        out = self.at(self.drawn)
         self.drawn += self.bs
-        return idx, torch.Generator().manual_seed(_seed(self.seed, self.sid, draw, self.rank, 7))
+        return out
 
     def state_dict(self) -> dict:
         return {"drawn": self.drawn}

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ssmis.data.dataset import SliceSet, VolumeSet
 from ssmis.engine.amp import Precision
+from ssmis.engine.batches import BatchSource
 from ssmis.engine import dist
 from ssmis.engine.checkpoint import save_checkpoint
 from ssmis.engine.streams import Stream
@@ -104,9 +105,16 @@ class Trainer:
         # fp16 needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype == torch.float16)
         r, w = self.dist.rank, self.dist.world
-        self.lb_stream = Stream(len(self.labeled), t.labeled_bs, self.cfg.seed, 0, r, w)
-        self.ub_stream = (Stream(len(self.unlabeled), t.unlabeled_bs, self.cfg.seed, 1, r, w)
-                          if self.unlabeled is not None and t.unlabeled_bs > 0 else None)
+        ahead = t.prefetch == "on" or (t.prefetch == "auto" and self.device.type != "cpu")
+
+        def source(data, bs: int, stream_id: int, labeled: bool) -> BatchSource:
+            return BatchSource(data, Stream(len(data), bs, self.cfg.seed, stream_id, r, w), labeled, self.augment,
+                               t.intensity, self.device, self.precision.channels_last, ahead)
+
+        has_ub = self.unlabeled is not None and t.unlabeled_bs > 0
+        self.lb_source = source(self.labeled, t.labeled_bs, 0, True)
+        self.ub_source = source(self.unlabeled, t.unlabeled_bs, 1, False) if has_ub else None
+        self.mix_source = source(self.unlabeled, t.unlabeled_bs, 2, False) if has_ub and self.method.mix_batch else None
         self.step = 0                  # next step to run
         self.best = -math.inf
         self.best_step = -1
@@ -117,13 +125,12 @@ class Trainer:
         self.val_at_patch = validates_at_patch(self.cfg)     # the val labels were taken to the patch in setup
 
     # ---- batches -------------------------------------------------------------------------------
-    def _batch(self, data: SliceSet | VolumeSet, stream: Stream, labeled: bool) -> Batch:
-        idx, gen = stream.next()
-        img, lab, pos, num = data.batch(idx, gen, self.augment, self.cfg.train.intensity)
-        img = img.to(self.device, non_blocking=True)
-        if self.precision.channels_last:
-            img = img.contiguous(memory_format=torch.channels_last if img.ndim == 4 else torch.channels_last_3d)
-        return Batch(img, lab.to(self.device) if labeled else None, idx, pos, num)
+    def _batches(self) -> tuple[Batch, Batch | None]:
+        lb = self.lb_source.next()
+        ub = self.ub_source.next() if self.ub_source else None
+        if ub is not None and self.mix_source is not None:
+            ub.mix = self.mix_source.next()
+        return lb, ub
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -133,8 +140,9 @@ class Trainer:
             "eval_weights": self.method.eval_model().state_dict(),   # what eval/predict load, no method needed
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "streams": {"labeled": self.lb_stream.state_dict(),
-                        "unlabeled": self.ub_stream.state_dict() if self.ub_stream else None},
+            "streams": {"labeled": self.lb_source.state_dict(),
+                        "unlabeled": self.ub_source.state_dict() if self.ub_source else None,
+                        "mix": self.mix_source.state_dict() if self.mix_source else None},
             "rng": {"torch": dist.gather_objects(self.dist, torch.get_rng_state()),   # one per rank
                     "cuda": dist.gather_objects(self.dist, torch.cuda.get_rng_state() if torch.cuda.is_available() else None)},
             "method_state": self.method.extra_state(),
@@ -149,9 +157,15 @@ class Trainer:
         self.opt.load_state_dict(s["optimizer"])
         if s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
-        self.lb_stream.load_state_dict(s["streams"]["labeled"])
-        if self.ub_stream is not None:
-            self.ub_stream.load_state_dict(s["streams"]["unlabeled"])
+        self.lb_source.load_state_dict(s["streams"]["labeled"])
+        if self.ub_source is not None:
+            self.ub_source.load_state_dict(s["streams"]["unlabeled"])
+        if self.mix_source is not None:
+            if s["streams"].get("mix") is None:
+                raise UserError("resume", f"the checkpoint has no mix stream, which {type(self.method).__name__} "
+                                "draws since ssmis draws its CutMix partners from an independent batch",
+                                "Start the run again (it was made by an older ssmis).")
+            self.mix_source.load_state_dict(s["streams"]["mix"])
         states = s["rng"]["torch"]
         if len(states) == self.dist.world:
             torch.set_rng_state(states[self.dist.rank])
@@ -289,8 +303,7 @@ class Trainer:
             if step in bounds.values() and step > 0 and stage != self._stage_at(bounds, step):
                 stage = self._enter_stage(bounds, resumed=False)
             lr = self._set_lr(step)
-            lb = self._batch(self.labeled, self.lb_stream, True)
-            ub = self._batch(self.unlabeled, self.ub_stream, False) if self.ub_stream else None
+            lb, ub = self._batches()
             buffers = self._snapshot_buffers()
             with self.precision.autocast(self.device):
                 out = self.method.train_step(lb, ub, step)
@@ -341,6 +354,9 @@ class Trainer:
             if stop_after is not None and self.step >= stop_after:
                 break
         bar.close()
+        for src in (self.lb_source, self.ub_source, self.mix_source):
+            if src is not None:
+                src.close()
         dist.average_buffers(self.dist, self.ctx.modules.values())
         if not self.val_cases:                   # nothing to select on: "best" is the last step, and says so
             self._save("best")

@@ -27,6 +27,7 @@ class Batch:
     index: Tensor | None = None            # dataset indices
     slice_index: Tensor | None = None      # position within the volume (meta-label), -1 if none
     num_slices: Tensor | None = None
+    mix: "Batch | None" = None             # unlabelled stream of a method with mix_batch: an independent batch
 
 
 @dataclass
@@ -50,8 +51,10 @@ class BuildContext:
         # set by the trainer: give module `dst`'s parameters the optimiser state of `src`'s (same architecture)
         self.copy_optimizer_state: Callable[[str, str], None] = lambda src, dst: None
 
-    def build_model(self) -> nn.Module:
-        return self._make_model()
+    def build_model(self, name: str | None = None, **args) -> nn.Module:
+        """A fresh network: the run's model, or the registered model `name` (a second architecture, e.g.
+        method.net2) with the run's input channels and classes; `args` go to its constructor."""
+        return self._make_model() if name is None else self._make_model(name, **args)
 
     def add(self, name: str, module: nn.Module, trainable: bool) -> nn.Module:
         """Register a module (checkpointed, moved to the device; optimised if trainable) and return what to call."""
@@ -74,6 +77,7 @@ class Method:
     default_augment: ClassVar[str] = "ssl4mis"        # what train.augment=auto means for this method
     find_unused_parameters: ClassVar[bool] = False      # DDP: set when some parameters get no gradient in a step
     spatial_dims: ClassVar[frozenset[int]] = frozenset({2, 3})
+    mix_batch: ClassVar[bool] = False      # also draw an independent unlabelled batch each step (ub.mix)
     # plug-in slots this method offers, each with the SlotInputs keys it passes there (ssmis.plugins)
     provides: ClassVar[dict[str, frozenset[str]]] = {}
 

@@ -66,21 +66,27 @@ def largest_component_per_class(labels: Tensor, num_classes: int) -> Tensor:
 
 @torch.no_grad()
 def pseudo_labels(teacher: nn.Module, image: Tensor, lcc: bool = True,
-                  refine: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                  refine: Callable[[Tensor], Tensor] | None = None, with_probs: bool = False):
     """Teacher argmax of softmax (one forward per call, as the reference), then per-class LCC (ACDC). `refine`
-    (probabilities -> probabilities, the targets slot) acts before the argmax."""
+    (probabilities -> probabilities, the targets slot) acts before the argmax. with_probs: return
+    (labels, the probabilities the argmax was taken of)."""
     logits = teacher(image).logits.float()
-    pred = logits.argmax(1) if refine is None else refine(logits.softmax(1)).argmax(1)
-    return largest_component_per_class(pred, logits.shape[1]) if lcc else pred
+    probs = None if refine is None and not with_probs else logits.softmax(1)
+    if refine is not None:
+        probs = refine(probs)
+    pred = logits.argmax(1) if refine is None else probs.argmax(1)
+    labels = largest_component_per_class(pred, logits.shape[1]) if lcc else pred
+    return (labels, probs) if with_probs else labels
 
 
 def mix_loss(logits: Tensor, y_out: Tensor, y_in: Tensor, mask: Tensor, w_out: float,
-             w_in: float) -> tuple[Tensor, Tensor]:
+             w_in: float, maps: bool = False):
     """BCP's region-weighted loss on one mixed batch: target y_out where M = 1 (outside the box, weight w_out)
     and y_in where M = 0 (inside, weight w_in). Returns (Dice, CE):
 
     Dice = w_out·Dice_M(p, y_out) + w_in·Dice_{1−M}(p, y_in)          (BCP masked Dice, smooth 1e-10)
-    CE   = w_out·Σ CE(z, y_out)·M / ΣM + w_in·Σ CE(z, y_in)·(1 − M) / Σ(1 − M)"""
+    CE   = w_out·Σ CE(z, y_out)·M / ΣM + w_in·Σ CE(z, y_in)·(1 − M) / Σ(1 − M)
+    maps: also return the per-pixel CE maps (CE(z, y_out), CE(z, y_in)) over the whole image."""
     logits = logits.float()
     probs = logits.softmax(1)
     m_out = mask.to(logits.device, torch.float32).expand(y_out.shape)
@@ -91,7 +97,7 @@ def mix_loss(logits: Tensor, y_out: Tensor, y_in: Tensor, mask: Tensor, w_out: f
     ce_in = F.cross_entropy(logits, y_in.long(), reduction="none")
     ce = (w_out * (ce_out * m_out).sum() / (m_out.sum() + 1e-16)
           + w_in * (ce_in * m_in).sum() / (m_in.sum() + 1e-16))
-    return dice, ce
+    return (dice, ce, (ce_out, ce_in)) if maps else (dice, ce)
 
 
 def pretrain_step(net: nn.Module, lb: Batch, mask_ratio: float) -> StepOutput:
@@ -115,6 +121,8 @@ class MixedStep:
     x_out: Tensor       # l_b outside, u_b inside
     z_in: Tensor        # logits (as the network returned them)
     z_out: Tensor
+    ce_u: Tensor        # per-pixel CE against the pseudo-labels, X_in then X_out (2B×spatial, whole images)
+    ce_l: Tensor        # per-pixel CE against the labels, X_in then X_out
 
 
 def mixed_step(net: nn.Module, l_a: Tensor, l_b: Tensor, u_a: Tensor, u_b: Tensor, y_a: Tensor, y_b: Tensor,
@@ -123,10 +131,11 @@ def mixed_step(net: nn.Module, l_a: Tensor, l_b: Tensor, u_a: Tensor, u_b: Tenso
     X_out (y_b outside with weight 1, p̂_b inside with weight u_weight), one forward each as the reference."""
     x_in, x_out = bidirectional_mix(l_a, l_b, u_a, u_b, mask)
     z_in, z_out = net(x_in).logits, net(x_out).logits
-    d_in, c_in = mix_loss(z_in, p_a, y_a, mask, u_weight, 1.0)
-    d_out, c_out = mix_loss(z_out, y_b, p_b, mask, 1.0, u_weight)
+    d_in, c_in, (in_u, in_l) = mix_loss(z_in, p_a, y_a, mask, u_weight, 1.0, maps=True)
+    d_out, c_out, (out_l, out_u) = mix_loss(z_out, y_b, p_b, mask, 1.0, u_weight, maps=True)
     dice, ce = d_in + d_out, c_in + c_out
-    return MixedStep((dice + ce) / 2, dice, ce, x_in, x_out, z_in, z_out)
+    return MixedStep((dice + ce) / 2, dice, ce, x_in, x_out, z_in, z_out, torch.cat([in_u, out_u]),
+                     torch.cat([in_l, out_l]))
 
 
 def per_half_region_weights(region: Tensor) -> Tensor:
@@ -231,12 +240,9 @@ class BCP(Method):
         """The self-training step with its CE terms through the unsup_loss / labeled_loss slots: the same
         forwards and Dice terms; with identity plug-ins the loss equals `mixed_step`'s."""
         cfg = self.cfg
-        with torch.no_grad():
-            probs = [self.teacher(u).logits.float().softmax(1) for u in (u_a, u_b)]     # one forward each
-            probs = [self.slot("targets", p, teacher_probs=p, image=u, step=step) for p, u in zip(probs, (u_a, u_b))]
-            pred = torch.cat([p.argmax(1) for p in probs])
-            p_u = largest_component_per_class(pred, probs[0].shape[1]) if cfg.lcc else pred
-        p_a, p_b = p_u.chunk(2)
+        p_a, probs_a = pseudo_labels(self.teacher, u_a, cfg.lcc, self.targets_slot(u_a, step), with_probs=True)
+        p_b, probs_b = pseudo_labels(self.teacher, u_b, cfg.lcc, self.targets_slot(u_b, step), with_probs=True)
+        p_u = torch.cat([p_a, p_b])
         mask = box_mask(l_a.shape[2:], cfg.mask_ratio, l_a.device)
         m = mixed_step(self.student, l_a, l_b, u_a, u_b, y_a, y_b, p_a, p_b, mask, cfg.u_weight)
         z = torch.cat([m.z_in, m.z_out]).float()
@@ -248,13 +254,12 @@ class BCP(Method):
         # mixed_step's, and a plug-in's reduced value enters the loss as it is
         w_u = cfg.u_weight / 2 * per_half_region_weights(region_u)
         w_l = per_half_region_weights(region_l)
-        ce_u = F.cross_entropy(z, p_u.long(), reduction="none")
-        ce_u = self.slot("unsup_loss", ce_u, teacher_probs=torch.cat(probs), student_logits=z,
+        ce_u = self.slot("unsup_loss", m.ce_u, teacher_probs=torch.cat([probs_a, probs_b]), student_logits=z,
                          student_probs=z.detach().softmax(1), image=torch.cat([u_a, u_b]), step=step, network=1,
                          pseudo_labels=p_u, pixel_weights=w_u)
         unsup = reduce_pixels(ce_u, w_u)
         y = torch.cat([y_a, y_b]).long()
-        ce_l = (w_l * F.cross_entropy(z, y, reduction="none")).sum()
+        ce_l = (w_l * m.ce_l).sum()
         extra = z.new_zeros(())
         if self.slot_active("labeled_loss"):
             with torch.no_grad():

@@ -56,8 +56,8 @@ TARGET_INPUTS = frozenset({"teacher_probs", "image", "step"})
 
 
 class WeakToStrong(Method):
-    """Shared part of FixMatch and UniMatch: one network, strong views with CutMix from a mix partner whose
-    pseudo-labels come from a no-grad eval-mode forward.
+    """Shared part of FixMatch and UniMatch: one network, strong views with CutMix from an independent mix batch
+    whose pseudo-labels come from a no-grad eval-mode forward.
 
     Plug-in slots: `inputs` (each strong view), `targets` (the weak-view probabilities, before the pseudo-label),
     `mask` (the confidence mask as weights; the built-in τ still applies, method.threshold=0 turns it off) and,
@@ -65,6 +65,7 @@ class WeakToStrong(Method):
     view of the same network is the reference)."""
 
     default_augment = "bcp"                # the BCP-variant RandomGenerator (methods.md, Augmentation)
+    mix_batch = True                       # CutMix partners from an independent unlabelled batch (ub.mix)
 
     spatial_dims = frozenset({2})
     provides = {"inputs": frozenset({"image", "step"}), "targets": TARGET_INPUTS, "mask": TARGET_INPUTS,
@@ -83,10 +84,13 @@ class WeakToStrong(Method):
         return self.ctx.modules["student"]
 
     @staticmethod
-    def partner(t: Tensor) -> Tensor:
-        """The mix partner of sample i is unlabelled sample i-1 of the same batch (the engine draws one
-        unlabelled batch; the reference draws a second one from the same pool)."""
-        return t.roll(1, 0)
+    def mix_images(ub: Batch) -> Tensor:
+        """The CutMix partners: an unlabelled batch drawn independently of ub (its own stream, augmentation
+        and strong views), as UniMatch's second unlabelled loader; the engine hands it over as ub.mix."""
+        if ub.mix is None:
+            raise ValueError("FixMatch/UniMatch need the independent mix batch (ub.mix) that the trainer draws "
+                             "for methods with mix_batch = True")
+        return ub.mix.image
 
     def strong(self, x: Tensor) -> Tensor:
         """The configured strong view of x, with the blur σ scaled to the image size."""
@@ -107,24 +111,24 @@ class WeakToStrong(Method):
         return labels, keep, probs
 
     @torch.no_grad()
-    def partner_targets(self, x_w: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Pseudo-labels, confidence mask and probabilities of each sample's mix partner, from an eval-mode
-        forward (as the reference: BN running statistics, no dropout), then the train/eval flag restored."""
+    def partner_targets(self, x_mix: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Pseudo-labels, confidence mask and probabilities of the mix partners, from an eval-mode forward (as
+        the reference: BN running statistics, no dropout), then the train/eval flag restored."""
         net = self.ctx.modules["student"]
         was_training = net.training
         net.eval()
         try:
-            probs = net(x_w).logits.float().softmax(1)
+            probs = net(x_mix).logits.float().softmax(1)
         finally:
             net.train(was_training)
-        return tuple(self.partner(t) for t in self.pseudo_targets(probs, x_w, step))
+        return self.pseudo_targets(probs, x_mix, step)
 
-    def mixed_strong_view(self, x_w: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        """Strong view of each sample with a CutMix box (probability cutmix_p) holding the strong view of its
-        mix partner (drawn independently), then the inputs slot. Returns (image, bool box B×H×W)."""
+    def mixed_strong_view(self, x_w: Tensor, x_mix: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """Strong view of each sample with a CutMix box (probability cutmix_p) holding a strong view of its mix
+        partner (drawn independently for every call), then the inputs slot. Returns (image, bool box B×H×W)."""
         c = self.cfg
         own = self.strong(x_w)
-        other = self.strong(self.partner(x_w))
+        other = self.strong(x_mix)
         box = cutmix_box(x_w.shape[0], tuple(x_w.shape[2:]), c.cutmix_p, c.cutmix_area,
                          (c.cutmix_ratio, 1 / c.cutmix_ratio), x_w.device)
         return self.slot("inputs", paste(own, other, box), image=x_w, step=step), box
@@ -173,8 +177,9 @@ class FixMatch(WeakToStrong):
 
     def train_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
         x_w, n = ub.image, lb.image.shape[0]
-        mix = self.partner_targets(x_w, step)
-        x_s, box = self.mixed_strong_view(x_w, step)
+        x_mix = self.mix_images(ub)
+        mix = self.partner_targets(x_mix, step)
+        x_s, box = self.mixed_strong_view(x_w, x_mix, step)
         logits = self.net(torch.cat([lb.image, x_w])).logits
         z_l, z_w = logits[:n], logits[n:]
         z_s = self.net(x_s).logits

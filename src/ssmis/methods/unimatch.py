@@ -47,9 +47,10 @@ class UniMatch(WeakToStrong):
     def train_step(self, lb: Batch, ub: Batch, step: int) -> StepOutput:
         c = self.cfg
         x_w, n = ub.image, lb.image.shape[0]
-        mix = self.partner_targets(x_w, step)
-        x_s1, box1 = self.mixed_strong_view(x_w, step)
-        x_s2, box2 = self.mixed_strong_view(x_w, step)
+        x_mix = self.mix_images(ub)
+        mix = self.partner_targets(x_mix, step)
+        x_s1, box1 = self.mixed_strong_view(x_w, x_mix, step)
+        x_s2, box2 = self.mixed_strong_view(x_w, x_mix, step)
         clean, perturbed = perturbed_forward(self.net, torch.cat([lb.image, x_w]), c.fp_dropout)
         z_l, z_w, z_fp = clean[:n], clean[n:], perturbed[n:]
         z_s1, z_s2 = self.net(torch.cat([x_s1, x_s2])).logits.chunk(2)

@@ -33,7 +33,8 @@ class UpBlock(nn.Module):
 
 class PooledUNet(EncoderDecoder):
     """Encoder blocks with max-pooling between them, up-blocks taking (x, skip), a head: 2D and 3D alike.
-    Features: encoder maps shallow -> deep; aux `high` (bottleneck) and `low` (last decoder feature)."""
+    Features: encoder maps shallow -> deep; aux `high` (bottleneck), `low` and `last` (both the last decoder
+    feature, before the output conv)."""
 
     def check_input(self, x: Tensor) -> None:
         """Subclasses reject inputs their pooling cannot take."""
@@ -50,7 +51,7 @@ class PooledUNet(EncoderDecoder):
         x = feats[-1]
         for up, skip in zip(self.dec, reversed(feats[:-1])):
             x = up(x, skip)
-        aux = {"high": feats[-1], "low": x} if need_features else {}
+        aux = {"high": feats[-1], "low": x, "last": x} if need_features else {}
         return SegOutput(self.head(x), feats if need_features else None, aux)
 
 

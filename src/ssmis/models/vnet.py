@@ -16,7 +16,8 @@ Constructor mapping from the shared model config (`build_model` passes `widths` 
 Feature taps (`need_features=True`): `features` = the encoder maps [x1 … x5]; `aux["high"]` = MaxPool3d(k=3, s=2)
 of the bottleneck x5 (after its dropout), `aux["low"]` = x8_up = the last up-sampled decoder feature plus the skip
 x1 (the input of the last decoder conv stage, full resolution, widths[0] channels): the F_high / F_low of M3HL's
-VNet_HL (methods.md "M3HL"). Along an axis where the bottleneck is smaller than 3 voxels (tiny test patches) the
+VNet_HL (methods.md "M3HL"); `aux["last"]` = x9, the last decoder feature before the dropout and the classifier
+(what C3S3's projector reads). Along an axis where the bottleneck is smaller than 3 voxels (tiny test patches) the
 pooling window shrinks to that size.
 
 Parameters: 9,448,866 for in_channels=1, num_classes=2 (the published ≈ 9.45 M); +17 per extra class.
@@ -53,6 +54,15 @@ def dropout_rate(dropout: float | Sequence[float] | None) -> float:
     return max((float(p) for p in dropout), default=0.0)
 
 
+def checked_dropout(dropout: float | Sequence[float], name: str) -> tuple[float, list[float]]:
+    """The one rate `dropout_rate` takes from `dropout` (checked to lie in [0, 1)) and `dropout` as a list of
+    floats, the form `init_args` stores."""
+    p = dropout_rate(dropout)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} dropout rate must be in [0, 1), got {p}")
+    return p, [float(dropout)] if isinstance(dropout, (int, float)) else [float(q) for q in dropout]
+
+
 def pooled_bottleneck(x5: Tensor) -> Tensor:
     """MaxPool3d(k=3, s=2) of the bottleneck (M3HL's F_high); the window is clipped to axes shorter than 3."""
     return F.max_pool3d(x5, tuple(min(3, int(s)) for s in x5.shape[2:]), stride=2)
@@ -79,8 +89,31 @@ class Up(nn.Sequential):
         super().__init__(nn.ConvTranspose3d(cin, cout, 2, stride=2), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
 
 
+class VNetDecoder(EncoderDecoder):
+    """The VNet decoder on any encoder whose `encode` returns five maps of `widths` channels at full, ½, ¼, ⅛ and
+    1/16 resolution: level j (j = 0 the deepest) up-samples widths[4-j] -> widths[3-j], adds the skip and runs a
+    conv stage of 3, 3, 2, 1 convs; then `dropout` (Dropout3d, or the identity at rate 0) and the 1×1×1 head.
+    Aux taps as VNet's (see the module docstring). Subclasses call `build_decoder` after building their encoder."""
+
+    def build_decoder(self, widths: Sequence[int], num_classes: int, p: float) -> None:
+        self.up = nn.ModuleList(Up(widths[4 - j], widths[3 - j]) for j in range(4))
+        self.dec = nn.ModuleList(ConvStage(n, widths[3 - j], widths[3 - j]) for j, n in enumerate(STAGE_CONVS_DEC))
+        self.dropout = nn.Dropout3d(p) if p > 0 else nn.Identity()
+        self.head = nn.Conv3d(widths[0], num_classes, 1)
+
+    def decode(self, feats: list[Tensor], need_features: bool = False) -> SegOutput:
+        """Logits; with `need_features` also the encoder maps and aux `high` / `low` / `last`."""
+        x = feats[-1]
+        for up, stage, skip in zip(self.up, self.dec, reversed(feats[:-1])):
+            low = up(x) + skip                      # the last one is x8_up
+            x = stage(low)
+        aux = {"high": pooled_bottleneck(feats[-1]), "low": low, "last": x} if need_features else {}
+        x = self.dropout(x)
+        return SegOutput(self.head(x), feats if need_features else None, aux)
+
+
 @MODELS.register("vnet")
-class VNet(EncoderDecoder):
+class VNet(VNetDecoder):
     """VNet (n_filters 16, BN, dropout 0.5): ≈ 9.45 M parameters at 2 classes. See the module docstring."""
 
     spatial_dims = 3
@@ -93,12 +126,9 @@ class VNet(EncoderDecoder):
         widths = tuple(int(w) for w in widths)
         if len(widths) != 5:
             raise ValueError(f"vnet needs 5 widths, got {list(widths)}")
-        p = dropout_rate(dropout)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"vnet dropout rate must be in [0, 1), got {p}")
+        p, rates = checked_dropout(dropout, "vnet")
         self.init_args = {"in_channels": in_channels, "num_classes": num_classes, "widths": list(widths),
-                          "dropout": [float(dropout)] if isinstance(dropout, (int, float)) else
-                          [float(q) for q in dropout]}
+                          "dropout": rates}
         self.has_dropout = p > 0
         self.enc = nn.ModuleList()
         self.down = nn.ModuleList()
@@ -106,12 +136,8 @@ class VNet(EncoderDecoder):
             self.enc.append(ConvStage(n, in_channels if i == 0 else w, w))   # Down already maps to w
             if i < 4:
                 self.down.append(Down(w, widths[i + 1]))
-        # decoder level j (j = 0 is the deepest): up-sample widths[4-j] -> widths[3-j], add skip, conv stage
-        self.up = nn.ModuleList(Up(widths[4 - j], widths[3 - j]) for j in range(4))
         # released names: up[j] = block_{five..eight}_up, dec[j] = block_{six..nine}; same graph
-        self.dec = nn.ModuleList(ConvStage(n, widths[3 - j], widths[3 - j]) for j, n in enumerate(STAGE_CONVS_DEC))
-        self.dropout = nn.Dropout3d(p) if self.has_dropout else nn.Identity()
-        self.head = nn.Conv3d(widths[0], num_classes, 1)
+        self.build_decoder(widths, num_classes, p)
 
     @staticmethod
     def convert_released_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -143,13 +169,3 @@ class VNet(EncoderDecoder):
             feats.append(x)
         feats[-1] = self.dropout(feats[-1])
         return feats
-
-    def decode(self, feats: list[Tensor], need_features: bool = False) -> SegOutput:
-        """Logits; with `need_features` also the encoder maps and aux `high` / `low` (see the module docstring)."""
-        x = feats[-1]
-        for up, stage, skip in zip(self.up, self.dec, reversed(feats[:-1])):
-            low = up(x) + skip                      # the last one is x8_up
-            x = stage(low)
-        x = self.dropout(x)
-        aux = {"high": pooled_bottleneck(feats[-1]), "low": low} if need_features else {}
-        return SegOutput(self.head(x), feats if need_features else None, aux)
