@@ -148,3 +148,14 @@ def test_a_worker_takes_the_share_it_is_given(monkeypatch, tmp_path):
     r = grid.run_cell(load_config("phantom").model_dump(mode="json"), str(d), False, (2, "bench share"))
     assert r == {"cell": "cell", "action": "skipped"}
     assert threads._given == (2, "bench share") and torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_bench_threads_option_sets_each_cells_threads(monkeypatch, tmp_path, jobs):
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _InlinePool)
+    calls = []
+    monkeypatch.setattr(grid, "run_cell", lambda cfg, d, progress, t: calls.append(t) or {"cell": Path(d).name,
+                                                                                          "action": "trained"})
+    cells = [Cell(f"c{i}", {}, load_config("phantom"), tmp_path / f"c{i}") for i in range(2)]
+    grid._run_all(cells, jobs=jobs, progress=False, threads=1)
+    assert calls == [(1, "ssmis bench --threads 1")] * 2

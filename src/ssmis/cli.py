@@ -51,7 +51,8 @@ def _demo(a) -> int:
 def _bench(a) -> int:
     from ssmis.bench import run_suite
 
-    return run_suite(a.suite, out=a.out, jobs=a.jobs, dry_run=a.dry_run, report_only=a.report_only, only=a.only)
+    return run_suite(a.suite, out=a.out, jobs=a.jobs, threads=a.threads, dry_run=a.dry_run, report_only=a.report_only,
+                     only=a.only)
 
 
 def _predict(a) -> int:
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("suite", help="suite YAML (base config + grid; see benchmarks/)")
     b.add_argument("--out", metavar="DIR", help="suite folder (default: the suite's `out`, else runs/bench/<name>)")
     b.add_argument("--jobs", type=int, default=1, metavar="N", help="cells trained side by side, one process each (default 1)")
+    b.add_argument("--threads", type=int, metavar="N", help="CPU threads per cell (default: the cores divided by "
+                   "--jobs, at most 4 per cell on a GPU); e.g. 1 while other work shares the machine")
     b.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
     b.add_argument("--report-only", action="store_true", help="write the report from the finished cells; train nothing")
     b.add_argument("--only", nargs="+", metavar="PATTERN", help="train only the cells whose names match (e.g. 'bcp-*')")

@@ -305,12 +305,15 @@ def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: tuple
         return {"cell": d.name, "error": f"{type(e).__name__}: {e}"}
 
 
-def _run_all(cells: list[Cell], jobs: int, progress: bool) -> list[dict]:
+def _run_all(cells: list[Cell], jobs: int, progress: bool, threads: int | None = None) -> list[dict]:
+    """Train the cells, one after the other or `jobs` side by side; `threads`: CPU threads per cell (--threads),
+    else each cell's share of the cores (a cell's own train.threads wins either way)."""
     results = []
+    given = (threads, f"ssmis bench --threads {threads}") if threads else None
     if jobs <= 1 or len(cells) <= 1:
         for i, c in enumerate(cells, 1):
             print(f"\n== cell {i}/{len(cells)}: {c.name} ({c.state}) ==", file=sys.stderr)
-            results.append(run_cell(c.cfg.model_dump(mode="json"), str(c.dir), progress))
+            results.append(run_cell(c.cfg.model_dump(mode="json"), str(c.dir), progress, given))
             _say(results[-1])
         return results
     import multiprocessing
@@ -322,7 +325,7 @@ def _run_all(cells: list[Cell], jobs: int, progress: bool) -> list[dict]:
 
     workers = min(jobs, len(cells))
     cuda = torch.cuda.is_available() and any(c.cfg.train.device != "cpu" for c in cells)
-    threads = thread_budget("cuda" if cuda else "cpu", os.cpu_count() or 1, 1, None, jobs=workers)
+    threads = given or thread_budget("cuda" if cuda else "cpu", os.cpu_count() or 1, 1, None, jobs=workers)
     print(f"training {len(cells)} cells, {workers} at a time ({threads[0]} threads each: {threads[1]}; "
           "a cell's train.threads wins)", file=sys.stderr)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
@@ -346,7 +349,8 @@ def _say(r: dict, count: str = "") -> None:
 
 
 # ---- the command -----------------------------------------------------------------------------------------------
-def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int = 1, dry_run: bool = False,
+def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int = 1, threads: int | None = None,
+              dry_run: bool = False,
               report_only: bool = False, progress: bool = True, only: list[str] | None = None) -> int:
     """Run the unfinished cells of a suite, then write its report; 0 when every cell finished, else 1.
 
@@ -354,6 +358,8 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int =
     suite_path = Path(suite_path)
     if jobs < 1:
         raise UserError("--jobs", f"{jobs} is not a number of processes", "Use --jobs 1 or more.")
+    if threads is not None and threads < 1:
+        raise UserError("--threads", f"{threads} is not a number of threads", "Use --threads 1 or more.")
     suite = load_suite(suite_path)
     out_dir = suite_out(suite, suite_path, out)
     cells = build_cells(suite, suite_path, out_dir)
@@ -381,7 +387,7 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int =
               + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
         if todo:
             out_dir.mkdir(parents=True, exist_ok=True)
-            failed = [r for r in _run_all(todo, jobs, progress) if "error" in r]
+            failed = [r for r in _run_all(todo, jobs, progress, threads) if "error" in r]
     done = [c for c in cells if c.state == "finished"]
     if not done:
         print("ssmis: bench: no finished cell yet: no report written", file=sys.stderr)
