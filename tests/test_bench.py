@@ -133,7 +133,7 @@ def test_only_trains_the_matching_cells(tmp_path, monkeypatch, capsys):
     trained = []
     import ssmis.bench.grid as grid
 
-    monkeypatch.setattr(grid, "_run_all", lambda cells, jobs, progress: trained.extend(c.name for c in cells) or [])
+    monkeypatch.setattr(grid, "_run_all", lambda cells, jobs, progress, threads=None: trained.extend(c.name for c in cells) or [])
     assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--dry-run", "--only", "mean_*"]) == 0
     text = capsys.readouterr().out
     assert "supervised-s0" in text and "not selected (--only)" in text and text.count(" new ") == 1
