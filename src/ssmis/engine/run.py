@@ -185,7 +185,8 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
         ctx.add("plugins", plugins, trainable=plugins.has_parameters())     # checkpointed and resumed with the run
     torch.manual_seed(cfg.seed + 1000003 * dinfo.rank)   # per-rank dropout and noise draws
     net = method.eval_model()
-    model_info = {"model_name": cfg.model.name, "model_args": dict(net.init_args),
+    net_name = next((n for n in MODELS.list() if MODELS.get(n) is type(net)), cfg.model.name)   # what eval rebuilds
+    model_info = {"model_name": net_name, "model_args": dict(net.init_args),
                   "precision": precision.label, "config": cfg.model_dump(mode="json")}
     log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: "
         f"{_counts_line(splits, labeled, unlabeled, val_cases, dims, method_cls, cfg)}; {t.iterations} steps; augmentation "
