@@ -59,10 +59,14 @@ def random_batches(nl=2, nu=2, size=16, classes=4, seed=0):
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Every test runs on one thread (2 shared cores, no oversubscription); global state restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Every test runs on one thread (2 shared cores, no oversubscription), runs set up inside it too (the share a
+    parent gives, as `ssmis bench` does; train.threads still wins); global state restored afterwards."""
+    from ssmis.engine import threads
+
+    n, given = torch.get_num_threads(), threads._given
+    threads.assign(1, "tests: one thread")
     yield
+    threads._given = given
     torch.set_num_threads(n)
     torch.use_deterministic_algorithms(False)
 
