@@ -35,11 +35,21 @@ def _eval(a) -> int:
     return score_folders(a.pred, a.ref, classes=a.classes, out=a.out, spacing=a.spacing)
 
 
+def _overrides(a) -> list[str]:
+    """--set overrides, with --device as train.device."""
+    return [*(a.set or []), *([f"train.device={a.device}"] if a.device else [])]
+
+
 def _train(a) -> int:
     from ssmis.engine.run import train_from_cli
 
-    overrides = [*(a.set or []), *([f"train.device={a.device}"] if a.device else [])]
-    return train_from_cli(a.config, overrides=overrides, out=a.out, resume=a.resume, overwrite=a.overwrite)
+    return train_from_cli(a.config, overrides=_overrides(a), out=a.out, resume=a.resume, overwrite=a.overwrite)
+
+
+def _pretrain(a) -> int:
+    from ssmis.spcl.pretrain import pretrain_from_cli
+
+    return pretrain_from_cli(a.config, overrides=_overrides(a), out=a.out, resume=a.resume, overwrite=a.overwrite)
 
 
 def _demo(a) -> int:
@@ -145,6 +155,17 @@ def _key_value(text: str) -> str:
     return text
 
 
+def _run_arguments(p: argparse.ArgumentParser, config_help: str, set_help: str, out_help: str, resume_help: str) -> None:
+    """CONFIG, --set, --out, --resume | --overwrite and --device of the commands that make a run directory."""
+    p.add_argument("config", help=config_help)
+    p.add_argument("--set", action="extend", nargs="+", type=_key_value, metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--out", help=out_help)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help=resume_help)
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shortcut for --set train.device=...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssmis", description="Semi-supervised medical image segmentation.")
     p.add_argument("--version", action="version", version=f"ssmis {__version__}")
@@ -192,15 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     t = sub.add_parser("train", help="train a method from a config")
-    t.add_argument("config", help="YAML config or preset name")
-    t.add_argument("--set", action="extend", nargs="+", type=_key_value, metavar="KEY=VALUE",
-                   help="override config keys: --set a.b=1 c=2 (repeatable)")
-    t.add_argument("--out", help="run directory (default runs/<name>)")
-    g = t.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shortcut for --set train.device=...")
+    _run_arguments(t, "YAML config or preset name", "override config keys: --set a.b=1 c=2 (repeatable)",
+                   "run directory (default runs/<name>)", "continue an interrupted run exactly")
     t.set_defaults(func=_train)
+
+    pt = sub.add_parser("pretrain", help="SPCL: self-paced contrastive pre-training of the encoder with meta-labels",
+                        description="Pre-train the encoder of the config's model (model section) on every training "
+                        "slice of the config's data (labelled and unlabelled cases of the split, labels unused) with "
+                        "SPCL's self-paced supervised contrastive loss on meta-labels (slice position, patient, "
+                        "phase; `pretrain` section). Then start any method from it: "
+                        "ssmis train CONFIG --set init.encoder=DIR.")
+    _run_arguments(pt, "YAML config or preset name (e.g. configs/spcl_pretrain.yaml)",
+                   "override config keys: --set pretrain.scans_per_batch=6 train.iterations=500",
+                   "run directory (default runs/<layout>-spcl-pretrain-s<seed>)",
+                   "continue an interrupted pre-training exactly")
+    pt.set_defaults(func=_pretrain)
 
     m = sub.add_parser("demo", help="phantom -> labels-only and Mean Teacher -> comparison table and plot")
     m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -166,6 +166,68 @@ class DistConfig(Section):
     sync_bn: bool = Field(False, description="Under torchrun: convert BatchNorm to SyncBatchNorm.")
 
 
+class MetaLabelConfig(Section):
+    name: str = Field(..., description="Meta-label: partition (slice position in P groups), scan, patient, phase "
+                      "(cardiac cycle, ACDC), self (each slice its own class) or item.<key> (an integer the adapter "
+                      "provides per case).")
+    weight: float = Field(1.0, ge=0, description="λ_k of the weighted average Σ λ_k L_k / Σ λ_k.")
+    gamma0: float = Field(5.0, gt=0, description="Self-paced threshold γ at the first epoch (loss units).")
+    gamma1: float = Field(60.0, gt=0, description="γ the schedule heads for at epoch E (never reached: the last "
+                          "epoch runs at γ(E − 1), as the reference).")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        from ssmis.data.meta_labels import check_meta_label_name
+
+        return check_meta_label_name(v)
+
+
+class PretrainConfig(Section):
+    """`ssmis pretrain`: SPCL's self-paced contrastive pre-training of the encoder (methods.md "SPCL")."""
+
+    meta_labels: list[MetaLabelConfig] = Field(
+        default_factory=lambda: [MetaLabelConfig(name="partition")], min_length=1,
+        description="Meta-labels, one projection head and one self-paced SupCon loss each, averaged with their weights.")
+    partitions: int = Field(3, ge=1, description="P: groups of the slice-position partition (ACDC 3, prostate 8).")
+    partition_rule: Literal["auto", "acdc", "floor"] = Field(
+        "auto", description="acdc: i <= L//3-1 -> 0, i <= 2(L//3) -> 1, else 2 (P = 3); floor: i // (L//P + 1); "
+                            "auto = acdc at P = 3, else floor.")
+    sampler: Literal["auto", "partition", "random"] = Field(
+        "auto", description="partition: m scans x one slice per partition (ACDC); random: a plain random sampler "
+                            "of batch_size slices; auto = partition when slices carry positions, else random.")
+    scans_per_batch: int = Field(10, ge=1, description="m, scans per batch of the partition sampler (ACDC 10).")
+    batch_size: int | None = Field(None, ge=2, description="Slices per batch of the random sampler; default m·P.")
+    tau: float = Field(0.07, gt=0, description="Temperature of the contrastive loss.")
+    weighting: Literal["hard", "soft", "none"] = Field(
+        "soft", description="Self-paced pair weights: hard 1[l <= γ], soft max(0, 1 - l/γ), none = plain SupCon.")
+    schedule: Literal["inversesquare", "linear", "square"] = Field(
+        "inversesquare", description="γ(e) = γ0 + (γ1 - γ0)·f(e/E): f = sqrt, identity or square.")
+    epochs: int = Field(80, ge=1, description="E: the run's steps are cut into E epochs; γ and the warm-up advance "
+                        "per epoch (the reference: 80 epochs x 200 iterations).")
+    normalize_weights: bool = Field(False, description="Divide each loss by its mean positive-pair weight (the "
+                                    "reference's later `correct_grad` option).")
+    projector_dim: int = Field(256, ge=1, description="Width of the projection head (pool -> Linear -> LeakyReLU -> "
+                               "Linear -> L2 norm).")
+    optimizer: Literal["radam", "adam", "sgd"] = Field("radam", description="Optimiser of the pre-training (reference RAdam).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (reference 5e-7 x 400).")
+    weight_decay: float = Field(1e-5, ge=0, description="Weight decay (reference 1e-5).")
+    warmup_epochs: float = Field(10, ge=0, description="Linear warm-up from lr/400 to lr over these epochs, then "
+                                 "cosine to min_lr (reference 10 of 80).")
+    min_lr: float = Field(1e-7, ge=0, description="Final learning rate of the cosine decay.")
+    augment: Literal["ssl4mis", "bcp", "none"] = Field(
+        "ssl4mis", description="Geometric augmentation of each view (data.augment_at applies).")
+    intensity: float = Field(0.3, ge=0, lt=1, description="Intensity jitter x(1+a)+b of each view, a, b ~ U(-v, v) "
+                             "(stands in for the reference's brightness/contrast jitter in [0.5, 1.5]).")
+
+
+class InitConfig(Section):
+    encoder: str | None = Field(None, description="Initialise the encoder of every network of the run that is the "
+                                "run's model (student, EMA teachers, both networks of CPS) from a pre-training run "
+                                "directory (`ssmis pretrain --out DIR`: its checkpoints/last.pt) or a checkpoint "
+                                "file; the decoder keeps its own initialisation. None = random initialisation.")
+
+
 class RunConfig(Section):
     name: str | None = Field(None, description="Run name (default: <layout>-<method>-l<labeled>-s<seed>).")
     seed: int = Field(0, description="Training seed (initialisation, sampling, augmentation).")
@@ -182,3 +244,6 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
+    init: InitConfig = Field(default_factory=InitConfig, description="Initialisation from a pre-training (init.encoder).")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="`ssmis pretrain` only: SPCL's "
+                                     "contrastive pre-training of the encoder.")

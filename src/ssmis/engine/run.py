@@ -183,11 +183,20 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
             raise UserError("plugins", "plug-ins with learnable parameters do not train under DDP yet",
                             "Train in one process, or use plug-ins without parameters.")
         ctx.add("plugins", plugins, trainable=plugins.has_parameters())     # checkpointed and resumed with the run
+    init_info = None
+    if cfg.init.encoder:                           # after the build: re-initialising methods and EMA copies included
+        from ssmis.spcl.encoder import load_encoder_init
+
+        example = torch.zeros(2, channels, *patch, device=device)
+        init_info = load_encoder_init(cfg.init.encoder, ctx.modules, cfg.model.name, MODELS.get(cfg.model.name),
+                                      example, log, resuming)
     torch.manual_seed(cfg.seed + 1000003 * dinfo.rank)   # per-rank dropout and noise draws
     net = method.eval_model()
     net_name = next((n for n in MODELS.list() if MODELS.get(n) is type(net)), cfg.model.name)   # what eval rebuilds
     model_info = {"model_name": net_name, "model_args": dict(net.init_args),
                   "precision": precision.label, "config": cfg.model_dump(mode="json")}
+    if init_info is not None:
+        model_info["init_encoder"] = init_info    # in every checkpoint and in train_summary.json
     log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: "
         f"{_counts_line(splits, labeled, unlabeled, val_cases, dims, method_cls, cfg)}; {t.iterations} steps; augmentation "
         f"{t.augment if t.augment != 'auto' else method_cls.default_augment}; precision {precision.label} ({precision.reason}); "
@@ -255,6 +264,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, o
             metrics.close()
             log_file.close()
     result.update({"run_dir": str(run_dir), "precision": trainer.precision.label, "world": dinfo.world})
+    if "init_encoder" in trainer.model_info:
+        result["init_encoder"] = trainer.model_info["init_encoder"]
     dist.barrier(dinfo)
     if trainer.step >= trainer.total and dinfo.is_main:
         atomic_write_json(run_dir / "train_summary.json", result)      # non-finite values as null

@@ -38,6 +38,13 @@ def plot_curves(metrics_csv: Path, out_png: Path, runs: dict[str, Path] | None =
         ax.grid(alpha=0.3)
         if len(runs) > 1:
             ax.legend()
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: str | Path) -> Path:
+    """Lay out, write (folders made) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
