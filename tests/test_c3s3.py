@@ -520,3 +520,15 @@ def test_learns_on_the_sphere_phantom(tmp_path):
     dice = train(cfg, out=tmp_path / "c3s3", progress=False)["test_last"]["mean"]["dice"]
     assert dice >= 0.5, f"c3s3 3D: net 1 test Dice {dice:.3f} (measured {C3S3_3D_SEED0})"
     assert dice >= D_SUP_3D_SEED0 + 0.02, f"c3s3 3D: net 1 test Dice {dice:.3f} < labels-only {D_SUP_3D_SEED0} + 0.02"
+
+
+def test_the_winner_is_chosen_on_scores_summed_over_processes(monkeypatch):
+    """Under DDP each process sees its own batch: the competition compares the all-reduced scores, so every
+    process picks the same winner (here a fake all-reduce adds another process's scores that flip the choice)."""
+    from ssmis.methods import c3s3
+
+    probs = ([torch.full((1, 2, 4, 4), 0.5)] * 2, [torch.full((1, 2, 4, 4), 0.5)] * 2)
+    scores = (torch.tensor(1.0), torch.tensor(2.0))
+    assert c3s3.competition(scores, probs, 0.1)[0] == 0
+    monkeypatch.setattr(c3s3, "sum_over_processes", lambda d: {"s": d["s"] + torch.tensor([3.0, 0.0])})
+    assert c3s3.competition(scores, probs, 0.1)[0] == 1

@@ -66,6 +66,7 @@ from ssmis.methods.base import Batch, StepOutput, teacher_noise
 from ssmis.methods.pair import PairConfig, TwoNetworks, ensemble_probs
 from ssmis.models.projector import Projector
 from ssmis.models.resnet import init_weights
+from ssmis.plugins.base import sum_over_processes
 from ssmis.registry import METHODS
 from ssmis.schedules import sigmoid_ramp
 
@@ -110,8 +111,11 @@ def competition(scores: tuple[Tensor, Tensor], probs_u: tuple[list[Tensor], list
     """Dynamic complementary competition. `scores` = (S^A, S^B); `probs_u[k][v]` = network k's softmax on view v's
     unlabelled images. Returns the winner (0 = A if S^A < S^B, else 1 = B, ties to B as the reference's `<`) and the
     unweighted [L_cp^A, L_cp^B]: the loser's Σ_v mean((P^v − Ŷ^v)²) against the winner's sharpened, detached Ŷ^v;
-    the winner's entry is a zero constant (no L_cp and no gradient)."""
-    win = 0 if float(scores[0].detach()) < float(scores[1].detach()) else 1
+    the winner's entry is a zero constant (no L_cp and no gradient). Under DDP the scores are summed over the
+    processes first, so all of them pick the same winner."""
+    # under DDP every process must pick the same winner: compare the scores summed over the processes
+    total = sum_over_processes({"s": torch.stack([scores[0].detach().float(), scores[1].detach().float()])})["s"]
+    win = 0 if float(total[0]) < float(total[1]) else 1
     lose = 1 - win
     cp = sum(((p.float() - sharpen(q, temperature)) ** 2).mean() for p, q in zip(probs_u[lose], probs_u[win]))
     out = [torch.zeros((), device=cp.device), torch.zeros((), device=cp.device)]
