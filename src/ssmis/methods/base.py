@@ -57,7 +57,8 @@ class BuildContext:
         return self._make_model() if name is None else self._make_model(name, **args)
 
     def add(self, name: str, module: nn.Module, trainable: bool) -> nn.Module:
-        """Register a module (checkpointed, moved to the device; optimised if trainable) and return what to call."""
+        """Register a module (checkpointed; optimised if trainable) and return what to call. The module must already
+        be on ctx.device (the model factory puts its networks there; heads a method makes itself, it moves)."""
         if name in self.modules:
             raise ValueError(f"module {name!r} added twice")
         self.modules[name] = module
