@@ -226,10 +226,11 @@ def test_readme_acdc_lite_table_matches_the_committed_results():
              "FixMatch": "fixmatch", "UniMatch": "unimatch", "BCP": "bcp", "ABD (BCP host, UNet/UNet)": "abd",
              "MetaSSL on MT": "metassl_mt", "MetaSSL on CPS": "metassl_cps", "MetaSSL on FixMatch": "metassl_fixmatch",
              "MetaSSL on BCP": "metassl_bcp", "CAD (reconstruction)": "cad", "M3HL": "m3hl",
-             "MEDL (network 1)": "medl", "C3S3-2D (network 1)": "c3s3"}
+             "MEDL (network 1)": "medl", "C3S3-2D (network 1)": "c3s3", "TransMedSeg": "transmedseg"}
     # suite folder per (labelled, pre-fix row): BCP/ABD rows marked "(pre-fix)" were made before self-training
     # started from the best pre-training state (issue 16); at 5 % they were moved to acdc_lite_5pct_prefix
-    suites = {("5 %", False): ["acdc_lite_5pct", "acdc_lite_5pct_seed_methods", "acdc_lite_5pct_pairs"], ("5 %", True): ["acdc_lite_5pct_prefix"],
+    suites = {("5 %", False): ["acdc_lite_5pct", "acdc_lite_5pct_seed_methods", "acdc_lite_5pct_pairs",
+                                  "acdc_lite_5pct_transmedseg"], ("5 %", True): ["acdc_lite_5pct_prefix"],
               ("10 %", False): ["acdc_lite_10pct"], ("10 %", True): ["acdc_lite_10pct"]}
     results = {}
     for (pct, prefix), folders in suites.items():
