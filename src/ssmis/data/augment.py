@@ -4,6 +4,7 @@ flip (3D), and an optional intensity jitter."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,19 +26,42 @@ def _square_safe(ks: Tensor, hw) -> Tensor:
     return ks if hw[0] == hw[1] else (ks % 2) * 2
 
 
+@dataclass
+class GeometryDraw:
+    """Per-sample geometric parameters of one batch (CPU tensors, length B)."""
+
+    rotflip: Tensor     # bool: rot90 by k, then a flip
+    k: Tensor           # quarter turns (np.rot90 sense)
+    axis: Tensor        # flip axis 0 (rows) or 1 (columns)
+    rotate: Tensor      # bool: rotation by `angle` degrees (scipy.ndimage.rotate sense, no reshape)
+    angle: Tensor
+
+
+def draw_geometry(b: int, gen: torch.Generator, kind: str) -> GeometryDraw:
+    """One batch's geometric draws, shared by `random_geometry` and data/resample.py: with p 0.5 rot90 + flip;
+    otherwise a rotation by an integer angle in [-20, 19] degrees (`ssl4mis`), or with p 0.5 of the rest (`bcp`);
+    `none`: identity."""
+    if kind == "none":
+        z = torch.zeros(b, dtype=torch.bool)
+        return GeometryDraw(z, torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long), z,
+                            torch.zeros(b, dtype=torch.long))
+    u = torch.rand(b, generator=gen)
+    u2 = torch.rand(b, generator=gen)
+    ks = torch.randint(0, 4, (b,), generator=gen)
+    axes = torch.randint(0, 2, (b,), generator=gen)
+    angles = torch.randint(-20, 20, (b,), generator=gen)
+    rotflip = u > 0.5
+    rotate = ~rotflip if kind == "ssl4mis" else (~rotflip & (u2 > 0.5))
+    return GeometryDraw(rotflip, ks, axes, rotate, angles)
+
+
 def random_geometry(image: Tensor, label: Tensor | None, gen: torch.Generator, kind: str = "ssl4mis") -> tuple[Tensor, Tensor | None]:
     """Per sample: with p=0.5 rot90 (k in 0..3) + flip along a random axis; otherwise rotation by an integer
     angle in [-20, 19] degrees (`ssl4mis`), or rotation with p=0.5 and nothing otherwise (`bcp`)."""
     if kind == "none":
         return image, label
-    b = image.shape[0]
-    u = torch.rand(b, generator=gen)
-    u2 = torch.rand(b, generator=gen)
-    ks = _square_safe(torch.randint(0, 4, (b,), generator=gen), image.shape[-2:])
-    axes = torch.randint(0, 2, (b,), generator=gen)
-    angles = torch.randint(-20, 20, (b,), generator=gen)
-    rotflip = u > 0.5
-    rotate = ~rotflip if kind == "ssl4mis" else (~rotflip & (u2 > 0.5))
+    g = draw_geometry(image.shape[0], gen, kind)
+    ks, axes, angles, rotflip, rotate = _square_safe(g.k, image.shape[-2:]), g.axis, g.angle, g.rotflip, g.rotate
     img, lab = image.clone(), None if label is None else label.clone()
     for i in torch.nonzero(rotflip).flatten().tolist():
         k, ax = int(ks[i]), 1 + int(axes[i])

@@ -25,36 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ssmis.data.augment import intensity_jitter
+from ssmis.data.augment import GeometryDraw, draw_geometry, intensity_jitter  # noqa: F401  (re-exported)
 from ssmis.errors import UserError
-
-
-@dataclass
-class GeometryDraw:
-    """Per-sample geometric parameters of one batch (CPU tensors, length B)."""
-
-    rotflip: Tensor     # bool: rot90 by k, then a flip
-    k: Tensor           # quarter turns (np.rot90 sense)
-    axis: Tensor        # flip axis 0 (rows) or 1 (columns)
-    rotate: Tensor      # bool: rotation by `angle` degrees (scipy.ndimage.rotate sense, no reshape)
-    angle: Tensor
-
-
-def draw_geometry(b: int, gen: torch.Generator, kind: str) -> GeometryDraw:
-    """The draws of `random_geometry`, in its order: with p 0.5 rot90 + flip; otherwise a rotation by an integer
-    angle in [-20, 19] degrees (`ssl4mis`), or with p 0.5 of the rest (`bcp`); `none`: identity."""
-    if kind == "none":
-        z = torch.zeros(b, dtype=torch.bool)
-        return GeometryDraw(z, torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long), z,
-                            torch.zeros(b, dtype=torch.long))
-    u = torch.rand(b, generator=gen)
-    u2 = torch.rand(b, generator=gen)
-    ks = torch.randint(0, 4, (b,), generator=gen)
-    axes = torch.randint(0, 2, (b,), generator=gen)
-    angles = torch.randint(-20, 20, (b,), generator=gen)
-    rotflip = u > 0.5
-    rotate = ~rotflip if kind == "ssl4mis" else (~rotflip & (u2 > 0.5))
-    return GeometryDraw(rotflip, ks, axes, rotate, angles)
 
 
 def geometry_matrix(g: GeometryDraw, h0: Tensor, w0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
