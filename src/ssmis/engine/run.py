@@ -148,16 +148,17 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
 
     def make_model(name: str | None = None, **args):
         """The run's model (cfg.model), or a second architecture by registry name (method.net2 of two-network
-        methods) with the run's channels and classes and its own defaults unless `args` say otherwise."""
+        methods) with the run's channels and classes and its own defaults unless `args` say otherwise (`args`
+        also override the run's model, e.g. num_classes=1 for a one-logit head)."""
         if name is None:
-            m = build_model(cfg.model, channels, num_classes)
+            m = build_model(cfg.model, channels, num_classes, **args)
         else:
             cls = MODELS.get(name, "method.net2")
             if cls.spatial_dims != dims:
                 raise UserError("method.net2", f"{name} is a {cls.spatial_dims}D model but data.patch_size "
                                 f"{cfg.data.patch_size} is {dims}D", f"Give {cfg.method['name']} a {dims}D second "
                                 f"network ({', '.join(n for n in MODELS.list() if MODELS.get(n).spatial_dims == dims)}).")
-            m = cls(in_channels=channels, num_classes=num_classes, **args)
+            m = cls(**{"in_channels": channels, "num_classes": num_classes, **args})
         m = m.to(device)
         if dinfo.active and cfg.dist.sync_bn:
             m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)

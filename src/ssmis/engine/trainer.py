@@ -95,7 +95,10 @@ class Trainer:
         t = self.cfg.train
         self.total = t.iterations
         self.augment = t.augment if t.augment != "auto" else type(self.method).default_augment
-        params = [p for n in self.ctx.trainable for p in self.ctx.modules[n].parameters()]
+        if self.method.per_module_lr:          # one group per module, each with its own lr (Method.lr_scale)
+            params = [{"params": list(self.ctx.modules[n].parameters()), "module": n} for n in self.ctx.trainable]
+        else:
+            params = [p for n in self.ctx.trainable for p in self.ctx.modules[n].parameters()]
         o = self.cfg.optim
         if o.name == "sgd":
             self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
@@ -272,7 +275,7 @@ class Trainer:
         s = self.cfg.sched
         lr = self.cfg.optim.lr * lr_factor(s.name, step, self.total, s.power, s.step_fraction, s.gamma)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * self.method.lr_scale(g["module"], step) if "module" in g else lr
         return lr
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:

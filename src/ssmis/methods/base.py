@@ -53,8 +53,9 @@ class BuildContext:
 
     def build_model(self, name: str | None = None, **args) -> nn.Module:
         """A fresh network: the run's model, or the registered model `name` (a second architecture, e.g.
-        method.net2) with the run's input channels and classes; `args` go to its constructor."""
-        return self._make_model() if name is None else self._make_model(name, **args)
+        method.net2) with the run's input channels and classes; `args` go to its constructor and override those
+        (num_classes=1: a one-logit head)."""
+        return self._make_model() if name is None and not args else self._make_model(name, **args)
 
     def add(self, name: str, module: nn.Module, trainable: bool) -> nn.Module:
         """Register a module (checkpointed; optimised if trainable) and return what to call. The module must already
@@ -79,6 +80,7 @@ class Method:
     find_unused_parameters: ClassVar[bool] = False      # DDP: set when some parameters get no gradient in a step
     spatial_dims: ClassVar[frozenset[int]] = frozenset({2, 3})
     mix_batch: ClassVar[bool] = False      # also draw an independent unlabelled batch each step (ub.mix)
+    per_module_lr: ClassVar[bool] = False  # one optimiser parameter group per trainable module, scaled by lr_scale
     # plug-in slots this method offers, each with the SlotInputs keys it passes there (ssmis.plugins)
     provides: ClassVar[dict[str, frozenset[str]]] = {}
 
@@ -128,6 +130,11 @@ class Method:
         the checkpoint, restores it when the next stage starts (before `on_stage_start`), and restarts the
         best-checkpoint selection there, as the reference code selects among self-training steps only."""
         return frozenset()
+
+    def lr_scale(self, module: str, step: int) -> float:
+        """With `per_module_lr`: the factor on optim.lr × the engine's schedule for the trainable module `module` at
+        `step` (a model's own lr and schedule, e.g. M&N's two models with their own epoch counters)."""
+        return 1.0
 
     def on_stage_start(self, stage: str, resumed: bool) -> None:
         """Called when a stage begins, and again (resumed=True) when a run is resumed inside it: state that a

@@ -11,9 +11,12 @@ from ssmis.registry import MODELS
 __all__ = ["SegOutput", "build_model", "model_from_args"]
 
 
-def build_model(cfg, in_channels: int, num_classes: int) -> nn.Module:
+def build_model(cfg, in_channels: int, num_classes: int, **overrides) -> nn.Module:
+    """The configured model; `overrides` replace constructor arguments (e.g. num_classes=1 for a sigmoid head)."""
     cls = MODELS.get(cfg.name, "model.name")
-    return cls(in_channels=in_channels, num_classes=num_classes, widths=tuple(cfg.widths), dropout=tuple(cfg.dropout))
+    args = {"in_channels": in_channels, "num_classes": num_classes, "widths": tuple(cfg.widths),
+            "dropout": tuple(cfg.dropout), **overrides}
+    return cls(**args)
 
 
 def model_from_args(name: str, args: dict) -> nn.Module:
