@@ -22,6 +22,17 @@ from ssmis.data.splits import PARTS, Splits
 from ssmis.errors import UserError
 
 METRICS = ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")
+HC_METRICS = ("hc_err_mm", "hc_err_median_mm", "hc_measured", "hc_empty", "hc_failed_fits")   # HC18 cells only
+
+
+def _hc_values(summ: dict) -> dict:
+    """The HC columns of a cell's test summary (HC18: absolute head-circumference error); {} without them."""
+    hc = summ.get("hc")
+    if not hc:
+        return {}
+    e = hc["abs_err_mm"]
+    return {"hc_err_mm": _num(e["mean"]), "hc_err_median_mm": _num(e["median"]), "hc_measured": hc["measured"],
+            "hc_empty": hc["empty_predictions"], "hc_failed_fits": hc["failed_fits"]}
 
 
 @dataclass
@@ -141,8 +152,9 @@ def _class_names(results: Sequence[RunResult]) -> dict[str, str]:
 def results_csv(results: Sequence[RunResult], names: dict[str, str]) -> str:
     grid_keys = list(dict.fromkeys(k for r in results for k in r.cell.values))
     cols = (["cell", "method", "labeled", "seed", *[k for k in grid_keys if k not in ("method.name", "base", "split.labeled", "seed")],
-             "checkpoint", "step", "class", "class_name", *METRICS, "cases", "iterations", "s_per_it", "median_step_s", "peak_rss_mib",
-             "precision"])
+             "checkpoint", "step", "class", "class_name", *METRICS,
+             *(HC_METRICS if any(r.best.get("hc") for r in results) else ()),
+             "cases", "iterations", "s_per_it", "median_step_s", "peak_rss_mib", "precision"])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
@@ -160,7 +172,8 @@ def results_csv(results: Sequence[RunResult], names: dict[str, str]) -> str:
                 w.writerow({**common, "checkpoint": ck, "step": step, "class": c, "class_name": names.get(c, c),
                             "cases": stats.get("cases"), **{m: _num(stats[m]["mean"]) for m in METRICS}})
             w.writerow({**common, "checkpoint": ck, "step": step, "class": "mean", "class_name": "mean",
-                        "cases": summ.get("counts", {}).get("cases"), **{m: _num(summ["mean"][m]) for m in METRICS}})
+                        "cases": summ.get("counts", {}).get("cases"), **{m: _num(summ["mean"][m]) for m in METRICS},
+                        **_hc_values(summ)})
     return buf.getvalue()
 
 
@@ -184,8 +197,12 @@ def _columns(results: Sequence[RunResult], names: dict[str, str], unit: str) -> 
              _Column("Jaccard", lambda r: _val(r.best["mean"]["jaccard"]), 4, "high"),
              _Column(f"HD95 ({unit})", lambda r: _val(r.best["mean"][f"hd95_{unit}"]), 2, "low"),
              _Column(f"ASD ({unit})", lambda r: _val(r.best["mean"][f"asd_{unit}"]), 2, "low"),
-             _Column("Dice (last)", lambda r: _val(r.last["mean"]["dice"]) if r.last else math.nan, 4, "high"),
-             _Column("s/it", lambda r: _val((r.record or {}).get("s_per_it")), 3, None),
+             _Column("Dice (last)", lambda r: _val(r.last["mean"]["dice"]) if r.last else math.nan, 4, "high")]
+    if any(r.best.get("hc") for r in results):      # HC18: head-circumference error (mm) and unmeasured images
+        cols += [_Column("HC err (mm)", lambda r: _val(r.best.get("hc", {}).get("abs_err_mm", {}).get("mean")), 2, "low"),
+                 _Column("HC not measured", lambda r: _val(r.best["hc"]["images"] - r.best["hc"]["measured"])
+                         if r.best.get("hc") else math.nan, 1, None)]
+    cols += [_Column("s/it", lambda r: _val((r.record or {}).get("s_per_it")), 3, None),
              _Column("step s", lambda r: _val((r.record or {}).get("median_step_s")), 3, None),
              _Column("peak RSS (MiB)", lambda r: _val((r.record or {}).get("peak_rss_mib")), 0, None)]
     return cols

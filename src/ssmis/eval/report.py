@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ssmis import __version__
 from ssmis.atomic import atomic_write_json, atomic_write_text
+from ssmis.eval.hc_error import HC_COLUMNS, hc_summary
 from ssmis.eval.metrics import NOTES, aggregate
 
 CSV_COLUMNS = ("case", "patient", "class", "dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm",
@@ -25,13 +26,17 @@ def write_report(rows: Sequence[dict], out_dir: Path, conventions: Mapping) -> d
 
     `rows` are `case_metrics` rows plus `case` and `patient`; `conventions` (HD95 rule, empty rules, units,
     spacing source, ...) is stored as given. The summary is `aggregate(rows)` plus `written_by`, `conventions`
-    and `counts`.
+    and `counts`, and `hc` (head-circumference error, `hc_summary`) when the rows carry a reference HC (HC18);
+    per_case.csv then has the HC columns too.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"written_by": f"ssmis {__version__}", "conventions": dict(conventions), "counts": _counts(rows),
                **aggregate(rows)}
-    atomic_write_text(out_dir / "per_case.csv", _csv_text(rows))
+    hc = hc_summary(rows)
+    if hc is not None:
+        summary["hc"] = hc
+    atomic_write_text(out_dir / "per_case.csv", _csv_text(rows, CSV_COLUMNS + HC_COLUMNS if hc else CSV_COLUMNS))
     atomic_write_json(out_dir / "summary.json", summary, indent=2)     # NaN/Infinity written as null
     return summary
 
@@ -61,9 +66,9 @@ def _counts(rows: Sequence[dict]) -> dict:
             **{note: sum(r["note"] == note for r in rows) for note in NOTES}}
 
 
-def _csv_text(rows: Sequence[dict]) -> str:
+def _csv_text(rows: Sequence[dict], columns: Sequence[str] = CSV_COLUMNS) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, restval="", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()

@@ -12,6 +12,7 @@ from ssmis.config import load_config
 from ssmis.data.adapter import make_adapter
 from ssmis.data.splits import Splits
 from ssmis.errors import UserError
+from ssmis.eval.hc_error import format_hc, hc_row
 from ssmis.eval.metrics import case_metrics
 from ssmis.eval.report import format_table, selection_rule, write_report
 from ssmis.predict import load_trained_model
@@ -114,6 +115,8 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=(
                 pred = model.predict(s["image"])
                 case_rows = case_metrics(pred, s["label"], range(1, num_classes), s.get("spacing"), cfg.eval.hd95,
                                          cfg.eval.empty_both, cfg.eval.empty_one)
+                if s.get("hc_ref_mm") is not None and pred.ndim == 2:      # HC18: head circumference in mm
+                    case_rows[0].update(hc_row(pred == case_rows[0]["class"], s.get("spacing"), s["hc_ref_mm"]))
                 rows += [{"case": cid, "patient": it.patient, **r} for r in case_rows]
                 dice = [r["dice"] for r in case_rows if r["dice"] == r["dice"]]       # NaN (both empty) left out
                 mean_dice = sum(dice) / len(dice) if dice else float("nan")
@@ -140,6 +143,8 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=(
             print(f"{run_dir} ({checkpoint} checkpoint = {conventions['selection']}, step {model.state_step}, "
                   f"{split}: {scored_cases})")
             print(format_table(summary, names))
+            if summary.get("hc"):
+                print(format_hc(summary["hc"]))
         out[checkpoint] = summary
     return out
 
