@@ -16,5 +16,7 @@ install: $(BIN)/ssmis
 demo: install
 	$(BIN)/ssmis demo --overwrite
 
+# the suite in JOBS processes (pytest-xdist; every test runs on one thread, see tests/conftest.py)
+JOBS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS)
