@@ -116,3 +116,11 @@ def straight_and_resumed(cfg, tmp_path, stop: int) -> tuple[dict, dict, dict]:
     torch.use_deterministic_algorithms(False)
     return (load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt"),
             load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt"), mid)
+
+
+def train_rows(run_dir) -> list[dict]:
+    """The training rows of a run's metrics.csv (step, stage, split, name, value as strings)."""
+    import csv
+
+    with open(run_dir / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r["split"] == "train"]

@@ -220,7 +220,7 @@ def test_train_device_flag_is_a_config_override(tmp_path, monkeypatch):
 
 def test_list_models_layouts_and_methods_by_pattern(capsys):
     assert main(["list", "models"]) == 0
-    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"resnet34_unet", "resnet34_vnet", "unet2d", "unet3d", "vnet"}
+    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"one_logit", "resnet34_unet", "resnet34_vnet", "segformer", "unet2d", "unet3d", "vnet"}
     assert main(["list", "layouts", "*h5"]) == 0
     assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"la_h5", "ssl4mis_h5"}
     assert main(["list", "methods", "mean_*"]) == 0
@@ -264,4 +264,8 @@ def test_every_builtin_method_has_a_config_spelling_out_its_defaults():
     for name in builtin:
         cfg = load_config(root / f"{name}.yaml")
         assert cfg.method == method_config({"name": name}).model_dump(), name
-        assert cfg.data.layout == "ssl4mis_h5" and cfg.train.iterations == 2000        # ACDC-lite
+        assert cfg.data.layout == ("hc18" if name == "ersr" else "ssl4mis_h5"), name   # ERSR is binary: HC18-lite
+        if 2 in METHODS.get(name).spatial_dims:
+            assert cfg.train.iterations == 2000                                         # ACDC-lite
+        else:                                                                           # 3D only (M&N): ACDC-3D
+            assert cfg.data.restack_volumes and len(cfg.data.patch_size) == 3

@@ -201,7 +201,7 @@ def _columns(results: Sequence[RunResult], names: dict[str, str], unit: str) -> 
     if any(r.best.get("hc") for r in results):      # HC18: head-circumference error (mm) and unmeasured images
         cols += [_Column("HC err (mm)", lambda r: _val(r.best.get("hc", {}).get("abs_err_mm", {}).get("mean")), 2, "low"),
                  _Column("HC not measured", lambda r: _val(r.best["hc"]["images"] - r.best["hc"]["measured"])
-                         if r.best.get("hc") else math.nan, 1, None)]
+                         if r.best.get("hc") else math.nan, 0, None)]
     cols += [_Column("s/it", lambda r: _val((r.record or {}).get("s_per_it")), 3, None),
              _Column("step s", lambda r: _val((r.record or {}).get("median_step_s")), 3, None),
              _Column("peak RSS (MiB)", lambda r: _val((r.record or {}).get("peak_rss_mib")), 0, None)]

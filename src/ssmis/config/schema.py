@@ -19,7 +19,7 @@ class PhantomConfig(Section):
 
 
 class DataConfig(Section):
-    layout: str = Field("auto", description="Data layout: auto, phantom, sphere, ssl4mis_h5, la_h5, hc18, nnunet, folders.")
+    layout: str = Field("auto", description="Data layout: auto, phantom, sphere, head, ssl4mis_h5, la_h5, hc18, nnunet, folders.")
     root: str | None = Field(None, description="Dataset root folder (not needed for the phantom).")
     num_classes: int | None = Field(None, ge=2, description="Number of classes incl. background; default from the dataset.")
     patch_size: list[int] = Field([128, 128], description="[H, W]: 2D training, slices resized to it (slice-wise "

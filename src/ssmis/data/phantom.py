@@ -99,6 +99,31 @@ class BuiltinPhantom(Adapter):
                 "spacing": spacing}
 
 
+class FixedRolesPhantom(BuiltinPhantom):
+    """A built-in phantom whose split is fixed: `ROLES` (role -> count) clean labelled cases first, ids
+    `<name>_<role><k>`; item meta `clean` marks the labelled ones. Its protocol split returns these roles."""
+
+    ROLES: dict[str, int] = {}
+    ID_DIGITS = 2
+
+    def __init__(self, root=None, cfg=None):
+        super().__init__(root, cfg)
+        self.roles: dict[str, list[str]] = {}
+        for role, n in self.ROLES.items():
+            ids = [f"{self.name}_{role}{i:0{self.ID_DIGITS}d}" for i in range(n)]
+            self.roles[role] = ids
+            self._items += [Item(c, c, True, f"{self.name}:{c}", {"index": len(self._items) + k, "clean": role == "labeled"})
+                            for k, c in enumerate(ids)]
+
+    def protocol_splits(self, labeled: float, seed: int):
+        from ssmis.data.splits import Splits
+
+        r, n = self.roles, self.ROLES
+        rule = (f"{self.name} phantom: fixed roles ({n['labeled']} clean labelled, {n['unlabeled']} unlabelled, "
+                f"{n['val']} val, {n['test']} test)")
+        return Splits(list(r["labeled"]), list(r["unlabeled"]), list(r["val"]), list(r["test"]), {"rule": rule, "seed": seed})
+
+
 @LAYOUTS.register("phantom")
 class PhantomAdapter(BuiltinPhantom):
     """The built-in phantom as a layout: every patient one 3D volume; train and eval pools are the same."""

@@ -12,8 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from ssmis.data.adapter import DatasetInfo, Item
-from ssmis.data.phantom import BuiltinPhantom
-from ssmis.data.splits import Splits
+from ssmis.data.phantom import FixedRolesPhantom
 from ssmis.registry import LAYOUTS
 
 SHAPE = (16, 24, 24)
@@ -35,19 +34,11 @@ def sphere_volume(seed: int, clean: bool, shape: tuple[int, int, int] = SHAPE) -
 
 
 @LAYOUTS.register("sphere")
-class SpherePhantomAdapter(BuiltinPhantom):
+class SpherePhantomAdapter(FixedRolesPhantom):
     """The sphere phantom as a layout (no files): 2 labelled, 32 unlabelled, 4 val and 16 test volumes."""
 
     name = "sphere"
-
-    def __init__(self, root=None, cfg=None):
-        super().__init__(root, cfg)
-        self.roles: dict[str, list[str]] = {}
-        for role, n in ROLES.items():
-            ids = [f"sphere_{role}{i:02d}" for i in range(n)]
-            self.roles[role] = ids
-            self._items += [Item(c, c, True, f"sphere:{c}", {"index": len(self._items) + k, "clean": role == "labeled"})
-                            for k, c in enumerate(ids)]
+    ROLES = ROLES
 
     def info(self) -> DatasetInfo:
         return DatasetInfo("sphere", 2, 3, 1, True, ["background", "sphere"])
@@ -55,9 +46,3 @@ class SpherePhantomAdapter(BuiltinPhantom):
     def volume(self, seed: int, item: Item):
         img, lab = sphere_volume(seed, item.meta["clean"])
         return img, lab, (1.0, 1.0, 1.0)
-
-    def protocol_splits(self, labeled: float, seed: int) -> Splits:
-        r = self.roles
-        return Splits(list(r["labeled"]), list(r["unlabeled"]), list(r["val"]), list(r["test"]),
-                      {"rule": "sphere phantom: fixed roles (2 clean labelled, 32 unlabelled, 4 val, 16 test)",
-                       "seed": seed})

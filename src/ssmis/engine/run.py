@@ -151,7 +151,7 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
         methods) with the run's channels and classes and its own defaults unless `args` say otherwise (`args`
         also override the run's model, e.g. num_classes=1 for a one-logit head)."""
         if name is None:
-            m = build_model(cfg.model, channels, num_classes, **args)
+            m = build_model(cfg.model, channels, **{"num_classes": num_classes, **args})
         else:
             cls = MODELS.get(name, "method.net2")
             if cls.spatial_dims != dims:

@@ -347,7 +347,7 @@ class Trainer:
                 self.history.append((self.step, dice))
                 if metrics:
                     metrics.write(self.step, stage, "val", {"dice": dice})
-                if dice > self.best:
+                if dice > self.best and stage in self.method.selection_stages():
                     self.best, self.best_step = dice, self.step
                     self._save("best")
                 if self.dist.is_main:

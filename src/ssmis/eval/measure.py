@@ -86,12 +86,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(lab == 1 + int(np.argmax(sizes)))
 
 
-def head_circumference(mask: np.ndarray, pixel_size: float | Sequence[float] | None = None) -> HeadCircumference | None:
-    """HC of the largest component of a 2D mask: least-squares ellipse on its boundary, Ramanujan perimeter.
-
-    `pixel_size` in mm (one value, or (row, column)) gives the mm fields; with two different values the fit is
-    repeated on physical coordinates. None when the mask is empty or no ellipse fits (never a 0 mm circumference).
-    """
+def head_contour(mask: np.ndarray) -> np.ndarray | None:
+    """Boundary points (x = column, y = row; pixel centres at integers) of the largest component of a 2D mask
+    (holes filled), or None when it has fewer than 5 pixels."""
     if mask.ndim != 2:
         raise ValueError(f"head circumference needs a 2D mask, got shape {mask.shape}")
     region = largest_component(mask)
@@ -100,8 +97,25 @@ def head_circumference(mask: np.ndarray, pixel_size: float | Sequence[float] | N
     # the 0.5 iso-line lies half-way between inside and outside pixel centres: unbiased, where the outer pixel
     # centres (mask XOR erosion) sit about half a pixel inside the edge (-0.9 % HC at a 60x40 px ellipse)
     contour = max(measure.find_contours(np.pad(region, 1).astype(np.float32), 0.5), key=len)
-    xy = contour[:, ::-1] - 1.0
-    fit = fit_ellipse(xy)
+    return contour[:, ::-1] - 1.0
+
+
+def fit_head_ellipse(mask: np.ndarray) -> tuple[float, float, float, float, float] | None:
+    """Least-squares ellipse (xc, yc, a, b, theta; scikit-image's EllipseModel convention: semi-axis a lies along
+    the direction theta, which may be the shorter one) on the boundary of the largest component of a 2D mask:
+    what `head_circumference` measures and ERSR refines its pseudo-labels with. None when nothing fits."""
+    xy = head_contour(mask)
+    return None if xy is None else fit_ellipse(xy)
+
+
+def head_circumference(mask: np.ndarray, pixel_size: float | Sequence[float] | None = None) -> HeadCircumference | None:
+    """HC of the largest component of a 2D mask: least-squares ellipse on its boundary, Ramanujan perimeter.
+
+    `pixel_size` in mm (one value, or (row, column)) gives the mm fields; with two different values the fit is
+    repeated on physical coordinates. None when the mask is empty or no ellipse fits (never a 0 mm circumference).
+    """
+    xy = head_contour(mask)
+    fit = None if xy is None else fit_ellipse(xy)
     if fit is None:
         return None
     xc, yc, a, b, theta = fit

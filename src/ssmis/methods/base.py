@@ -131,6 +131,12 @@ class Method:
         best-checkpoint selection there, as the reference code selects among self-training steps only."""
         return frozenset()
 
+    def selection_stages(self) -> frozenset[str]:
+        """Stages whose validations compete for the best checkpoint (default: every stage). Validations in the other
+        stages still run and are logged, but never become best.pt (M&N selects in its co-training stage only, as its
+        reference code validates there only)."""
+        return frozenset(self.stages)
+
     def lr_scale(self, module: str, step: int) -> float:
         """With `per_module_lr`: the factor on optim.lr × the engine's schedule for the trainable module `module` at
         `step` (a model's own lr and schedule, e.g. M&N's two models with their own epoch counters)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ssmis.models import resnet, unet, unet3d, vnet  # noqa: F401  (registers models)
+from ssmis.models import one_logit, resnet, segformer, unet, unet3d, vnet  # noqa: F401  (registers models)
 from ssmis.models.output import SegOutput
 from ssmis.registry import MODELS
 
