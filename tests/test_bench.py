@@ -258,6 +258,35 @@ def test_readme_acdc_lite_table_matches_the_committed_results():
             assert float(text.split()[0]) == pytest.approx(expected, abs=0.6 * 10 ** -digits), (row, key)
 
 
+def test_readme_hc18_lite_table_matches_the_committed_results():
+    """Every number of the README's HC18-lite table (Dice, Jaccard, HD95/ASD in mm, last Dice, HC error in mm) is the
+    mean over the listed seeds of benchmarks/results/hc18_lite/results.csv."""
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[1]
+    names = {"supervised (labels only)": "supervised", "Mean Teacher": "mean_teacher", "BCP": "bcp", "ERSR": "ersr"}
+    results = {}
+    for r in read_csv(root / "benchmarks" / "results" / "hc18_lite" / "results.csv"):
+        if r["class"] == "mean":
+            results.setdefault((r["method"], f"{float(r['labeled']) * 100:g} %", r["checkpoint"]), []).append(r)
+    lines = (root / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("**HC18-lite**"))
+    head = next(i for i in range(start, len(lines)) if lines[i].startswith("| method | labelled | seeds |"))
+    end = next(i for i in range(head + 2, len(lines)) if not lines[i].startswith("| "))
+    rows = lines[head + 2:end]
+    assert len(rows) >= 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        method, pct, seeds = names[cells[0]], cells[1], {s.strip() for s in cells[2].split(",")}
+        best, last = ([r for r in results[(method, pct, ck)] if r["seed"] in seeds] for ck in ("best", "last"))
+        assert len(best) == len(last) == len(seeds), row
+        for text, rs, key in ((cells[3], best, "dice"), (cells[4], best, "jaccard"), (cells[5], best, "hd95_mm"),
+                              (cells[6], best, "asd_mm"), (cells[7], last, "dice"), (cells[8], best, "hc_err_mm")):
+            expected = np.mean([float(r[key]) for r in rs])
+            digits = len(text.split()[0].split(".")[1])
+            assert float(text.split()[0]) == pytest.approx(expected, abs=0.6 * 10 ** -digits), (row, key)
+
+
 def test_grid_over_method_configs_and_method_sections(tmp_path):
     """A grid over base configs (method variants, each with its own plug-ins and augmentation) names rows by the
     config file; a grid over whole method sections names them by their values; both are fair comparisons."""
