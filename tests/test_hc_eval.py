@@ -75,3 +75,39 @@ def test_eval_of_an_hc18_run_reports_hc_error_per_image(tmp_path):
             assert float(row["hc_abs_err_mm"]) == pytest.approx(abs(float(row["hc_mm"]) - float(row["hc_ref_mm"])))
     assert r["test_best"]["hc"] == hc
     assert hc["measured"] >= 1 and hc["abs_err_mm"]["mean"] < 0.5 * np.mean([float(x["hc_ref_mm"]) for x in rows])
+
+
+def test_predict_with_an_ersr_run_writes_masks_and_hc_and_goes_on_past_a_headless_image(tmp_path):
+    """Issue 22: `ssmis predict` on HC18-style images with an ERSR run (one-logit network, rebuilt as `one_logit`)
+    writes a mask per image and the HC in mm; an image with no head gets a note, not a number, and the run goes on."""
+    from PIL import Image
+
+    from ssmis.cli import main
+    from ssmis.config import load_config
+    from ssmis.engine.run import train
+
+    root = write_phantom(tmp_path / "hc18", "hc18", patients=10, size=32)
+    cfg = load_config(None, data={
+        "data": {"layout": "hc18", "root": str(root), "patch_size": [32, 32], "image_order": 1, "pad_square": True},
+        "split": {"protocol": False, "labeled": 0.4, "val": 0.2, "test": 0.2, "seed": 0},
+        "model": {"widths": [8, 16, 32, 64, 128]},
+        "train": {"iterations": 200, "labeled_bs": 2, "unlabeled_bs": 2, "eval_every": 50, "ckpt_every": 50,
+                  "amp": "off", "threads": 1, "device": "cpu", "val_at": "patch"},
+        "method": {"name": "ersr"}})
+    train(cfg, out=tmp_path / "run", progress=False, test_at_end=False)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("002_HC.png", "003_HC.png"):
+        (folder / name).write_bytes((root / "training_set" / name).read_bytes())
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / "blank_HC.png")     # nothing to segment
+    out = tmp_path / "out"
+    rc = main(["predict", "--run", str(tmp_path / "run"), str(folder), "--out", str(out), "--measure", "hc",
+               "--pixel-size", "0.1"])
+    assert rc == 0
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "measurements.csv"))}
+    assert set(rows) == {"002_HC", "003_HC", "blank_HC"}
+    for case in rows:
+        assert np.asarray(Image.open(out / f"{case}.png")).shape == (64, 64)
+    assert rows["blank_HC"]["hc_mm"] == "" and "no head" in rows["blank_HC"]["note"]
+    for case in ("002_HC", "003_HC"):                          # the trained ERSR student finds the phantom heads
+        assert float(rows[case]["hc_mm"]) > 0 and rows[case]["note"] == ""
