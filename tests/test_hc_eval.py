@@ -49,7 +49,8 @@ def test_empty_and_unfittable_predictions_are_counted_not_scored_as_zero():
     assert none["abs_err_mm"]["mean"] is None and "n/a" in format_hc(none)
 
 
-def test_eval_of_an_hc18_run_reports_hc_error_per_image(tmp_path):
+def train_on_hc18_phantom(tmp_path, method: str, iterations: int, unlabeled_bs: int, test_at_end: bool) -> dict:
+    """A small run of `method` on a written HC18-layout phantom (tmp_path/hc18, 64x64 images) into tmp_path/run."""
     from ssmis.config import load_config
     from ssmis.engine.run import train
 
@@ -58,10 +59,14 @@ def test_eval_of_an_hc18_run_reports_hc_error_per_image(tmp_path):
         "data": {"layout": "hc18", "root": str(root), "patch_size": [32, 32], "image_order": 1, "pad_square": True},
         "split": {"protocol": False, "labeled": 0.4, "val": 0.2, "test": 0.2, "seed": 0},
         "model": {"widths": [8, 16, 32, 64, 128]},
-        "train": {"iterations": 150, "labeled_bs": 2, "unlabeled_bs": 0, "eval_every": 50, "ckpt_every": 50,
-                  "amp": "off", "threads": 1, "device": "cpu", "val_at": "patch"},
-        "eval": {"upsample": "logits"}, "method": {"name": "supervised"}})
-    r = train(cfg, out=tmp_path / "run", progress=False, test_at_end=True)
+        "train": {"iterations": iterations, "labeled_bs": 2, "unlabeled_bs": unlabeled_bs, "eval_every": 50,
+                  "ckpt_every": 50, "amp": "off", "threads": 1, "device": "cpu", "val_at": "patch"},
+        "eval": {"upsample": "logits"}, "method": {"name": method}})
+    return train(cfg, out=tmp_path / "run", progress=False, test_at_end=test_at_end)
+
+
+def test_eval_of_an_hc18_run_reports_hc_error_per_image(tmp_path):
+    r = train_on_hc18_phantom(tmp_path, "supervised", 150, unlabeled_bs=0, test_at_end=True)
     best = json.loads((tmp_path / "run" / "eval" / "test-best" / "summary.json").read_text())
     hc = best["hc"]
     rows = list(csv.DictReader(open(tmp_path / "run" / "eval" / "test-best" / "per_case.csv")))
@@ -83,18 +88,9 @@ def test_predict_with_an_ersr_run_writes_masks_and_hc_and_goes_on_past_a_headles
     from PIL import Image
 
     from ssmis.cli import main
-    from ssmis.config import load_config
-    from ssmis.engine.run import train
 
-    root = write_phantom(tmp_path / "hc18", "hc18", patients=10, size=32)
-    cfg = load_config(None, data={
-        "data": {"layout": "hc18", "root": str(root), "patch_size": [32, 32], "image_order": 1, "pad_square": True},
-        "split": {"protocol": False, "labeled": 0.4, "val": 0.2, "test": 0.2, "seed": 0},
-        "model": {"widths": [8, 16, 32, 64, 128]},
-        "train": {"iterations": 200, "labeled_bs": 2, "unlabeled_bs": 2, "eval_every": 50, "ckpt_every": 50,
-                  "amp": "off", "threads": 1, "device": "cpu", "val_at": "patch"},
-        "method": {"name": "ersr"}})
-    train(cfg, out=tmp_path / "run", progress=False, test_at_end=False)
+    train_on_hc18_phantom(tmp_path, "ersr", 200, unlabeled_bs=2, test_at_end=False)
+    root = tmp_path / "hc18"
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("002_HC.png", "003_HC.png"):
