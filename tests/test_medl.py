@@ -503,3 +503,23 @@ def test_3d_learns_on_the_sphere_phantom(tmp_path):
     cfg = load_config("phantom", SPHERE + ["train.iterations=300", "seed=0"])
     dice = train(cfg, out=tmp_path / "r", progress=False)["test_last"]["mean"]["dice"]
     assert dice >= max(0.5, D_SUP_3D_SEED0 + 0.02), f"medl 3D: {dice:.3f} (measured 0.877)"
+
+
+def test_u_rampup_control_ramps_only_the_unlabelled_dice_ce():
+    """[ours] `u_rampup` multiplies L_u by the Gaussian warm-up (exp(-5) of its weight at step 0, 1 from the end of the
+    ramp); the default 0 keeps Eq. 8's unramped L_u."""
+    from ssmis.schedules import sigmoid_ramp
+
+    lb, ub = random_batches(nl=2, nu=2, size=16)
+    out = {}
+    for ramp in (0.0, 0.4):
+        m, _ = make_medl(total=100, u_rampup=ramp)
+        torch.manual_seed(0)
+        out[ramp] = m.train_step(lb, ub, step=0)
+    plain, ramped = out[0.0], out[0.4]
+    unsup = plain.logs["unsup1"] + plain.logs["unsup2"]
+    w = sigmoid_ramp(0, 40)
+    assert plain.logs["lu_w"] == 1.0 and ramped.logs["lu_w"] == pytest.approx(w) and w < 0.01
+    assert float((plain.loss - ramped.loss).detach()) == pytest.approx(float((1 - w) * unsup), rel=1e-5)
+    m, _ = make_medl(total=100, u_rampup=0.4)
+    assert m.train_step(lb, ub, step=40).logs["lu_w"] == 1.0

@@ -71,6 +71,10 @@ class MEDLConfig(PairConfig):
                       "(0 = no mask, R > 0 always).")
     sample_sum: bool = Field(True, description="L_{w,l} and L^I_u as Eq. 8 writes them: sums over the samples "
                              "of per-sample voxel means (false: batch means, 1/B of that).")
+    u_rampup: float = Field(0.0, ge=0, le=1, description="[ours] Ramp the unlabelled Dice + CE (L_u) with the FIE "
+                            "term's Gaussian warm-up over this fraction of the run (to weight 1); 0 = unramped, as "
+                            "Eq. 8-9 write it (a control: at the lite budget L_u pulls towards early all-background "
+                            "pseudo-labels).")
 
     @model_validator(mode="after")
     def _lambdas_sum_to_one(self) -> MEDLConfig:
@@ -135,6 +139,7 @@ class MEDL(TwoNetworks):
             w_l = [umal_weights(cfg.lambda1 * op.uncertainty[:n] + cfg.lambda2 * u_fused[:n], zeta, cfg.xi)
                    for op in ops]
         lam = self.fie_weight(step)
+        w_lu = sigmoid_ramp(step, cfg.u_rampup * self.ctx.total_steps) if cfg.u_rampup > 0 else 1.0
         loss = torch.zeros((), device=x.device)
         logs: dict = {}
         for i, (z, e) in enumerate(zip(logits, evid), start=1):
@@ -143,11 +148,11 @@ class MEDL(TwoNetworks):
             wl = per_sample_sum(w_l[i - 1] * F.cross_entropy(z[:n], lb.label.long(), reduction="none"),
                                 cfg.sample_sum)
             fie = per_sample_sum(w_u * fisher_edl_loss(e[n:] + 1, pseudo, cfg.lambda_f), cfg.sample_sum)
-            loss = loss + sup + unsup + wl + lam * fie
+            loss = loss + sup + w_lu * unsup + wl + lam * fie
             logs |= {f"sup{i}": sup.detach(), f"unsup{i}": unsup.detach(), f"wl{i}": wl.detach(),
                      f"fie{i}": fie.detach()}
         with torch.no_grad():
             agree = (logits[0][n:].max(1).indices == logits[1][n:].max(1).indices).float().mean()
-            logs |= {"fie_w": lam, "zeta": zeta, "u_fused": u_fused[n:].mean(), "rel": rel.mean(),
+            logs |= {"fie_w": lam, "lu_w": w_lu, "zeta": zeta, "u_fused": u_fused[n:].mean(), "rel": rel.mean(),
                      "pl_fg": (pseudo > 0).float().mean(), "agree": agree}
         return StepOutput(loss, logs)
