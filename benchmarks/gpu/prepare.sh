@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Prepare the GPU machine's kit (run here, before a `device` call): the wheels its image lacks and ACDC packed to
+# one file (8-bit images: say so beside numbers made from it), into device_kit/ (git-ignored through
+# .git/info/exclude; pass `carry: ["device_kit"]` to the device call). Then run benchmarks/gpu/session.sh there.
+#   bash benchmarks/gpu/prepare.sh [../shared/data/ACDC]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+src=${1:-../shared/data/ACDC}
+tools=../shared/tools/device
+py=.venv/bin/python; [ -x "$py" ] || py=python3      # pack_h5.py needs h5py: the repository's environment
+mkdir -p device_kit/wheels
+grep -qx "device_kit" .git/info/exclude 2>/dev/null || echo "device_kit" >> .git/info/exclude
+bash "$tools/wheels.sh" device_kit/wheels > /dev/null
+cp "$tools/unpack_h5.py" device_kit/
+[ -f device_kit/acdc.lzma ] || "$py" "$tools/pack_h5.py" "$src" device_kit/acdc.lzma
+du -sh device_kit
