@@ -12,5 +12,7 @@ mkdir -p device_kit/wheels
 grep -qx "device_kit" .git/info/exclude 2>/dev/null || echo "device_kit" >> .git/info/exclude
 bash "$tools/wheels.sh" device_kit/wheels > /dev/null
 cp "$tools/unpack_h5.py" device_kit/
-[ -f device_kit/acdc.lzma ] || "$py" "$tools/pack_h5.py" "$src" device_kit/acdc.lzma
+if [ ! -f device_kit/acdc.lzma ]; then      # written under another name first: an interrupted pack is never reused
+  "$py" "$tools/pack_h5.py" "$src" device_kit/acdc.lzma.part && mv device_kit/acdc.lzma.part device_kit/acdc.lzma
+fi
 du -sh device_kit
