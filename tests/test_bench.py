@@ -216,6 +216,15 @@ def test_every_shipped_suite_resolves(suite_path, tmp_path, capsys, monkeypatch)
     assert " cells in " in capsys.readouterr().out
 
 
+def readme_table_rows(readme: Path, marker: str) -> list[str]:
+    """The body rows of the first `| method | labelled | seeds |` table after the line starting with `marker`."""
+    lines = readme.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(marker))
+    head = next(i for i in range(start, len(lines)) if lines[i].startswith("| method | labelled | seeds |"))
+    end = next(i for i in range(head + 2, len(lines)) if not lines[i].startswith("| "))
+    return lines[head + 2:end]
+
+
 def test_readme_acdc_lite_table_matches_the_committed_results():
     """Every number of the README's ACDC-lite table is the mean over the listed seeds of the committed results.csv
     (cells finished later do not change the row until it lists their seed)."""
@@ -239,11 +248,7 @@ def test_readme_acdc_lite_table_matches_the_committed_results():
             for r in read_csv(path) if path.is_file() else []:
                 if r["class"] == "mean":
                     results.setdefault((r["method"], pct, prefix, r["checkpoint"]), []).append(r)
-    lines = (root / "README.md").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("**ACDC-lite**"))
-    head = next(i for i in range(start, len(lines)) if lines[i].startswith("| method | labelled | seeds |"))
-    end = next(i for i in range(head + 2, len(lines)) if not lines[i].startswith("| "))
-    rows = lines[head + 2:end]
+    rows = readme_table_rows(root / "README.md", "**ACDC-lite**")
     assert len(rows) >= 16
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -269,11 +274,7 @@ def test_readme_hc18_lite_table_matches_the_committed_results():
     for r in read_csv(root / "benchmarks" / "results" / "hc18_lite" / "results.csv"):
         if r["class"] == "mean":
             results.setdefault((r["method"], f"{float(r['labeled']) * 100:g} %", r["checkpoint"]), []).append(r)
-    lines = (root / "README.md").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("**HC18-lite**"))
-    head = next(i for i in range(start, len(lines)) if lines[i].startswith("| method | labelled | seeds |"))
-    end = next(i for i in range(head + 2, len(lines)) if not lines[i].startswith("| "))
-    rows = lines[head + 2:end]
+    rows = readme_table_rows(root / "README.md", "**HC18-lite**")
     assert len(rows) >= 4
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
