@@ -48,6 +48,10 @@ class Suite(_Strict):
     qualitative: QualitativeSpec = Field(default_factory=QualitativeSpec)
     ordering: bool = Field(False, description="Add methods.md's ACDC-lite ordering check (rules 1-4, its tolerance "
                            "rule) on the best-val test Dice to results.md.")
+    pretrain: str | None = Field(None, description="An `ssmis pretrain` config (relative to the suite file, e.g. "
+                                 "../configs/spcl_pretrain.yaml): each (labelled count, seed) of the grid is "
+                                 "pre-trained once, with the cell's seed and split, into <out>/pretrain-l<N>-s<seed> "
+                                 "before the cells, and every cell starts from its encoder (init.encoder).")
 
     @field_validator("grid")
     @classmethod
@@ -68,6 +72,7 @@ class Cell:
     values: dict[str, Any]               # grid key -> this cell's value
     cfg: Any                             # RunConfig
     dir: Path
+    pretrain: Any = None                 # PretrainRun its encoder comes from (suites with `pretrain:`)
 
     @property
     def state(self) -> str:
@@ -106,6 +111,9 @@ def load_suite(path: str | Path) -> Suite:
     both = sorted(set(suite.grid) & set(suite.set))
     if both:
         raise UserError(f"{path}: set.{both[0]}", "is also a grid key", "Give each key in `grid` or in `set`, not both.")
+    if suite.pretrain and "init.encoder" in {**suite.grid, **suite.set}:
+        raise UserError(f"{path}: pretrain", "the cells' init.encoder comes from `pretrain`; the suite also sets it",
+                        "Remove init.encoder from grid/set, or remove `pretrain`.")
     return suite
 
 
@@ -186,9 +194,12 @@ def build_cells(suite: Suite, suite_path: Path, out: Path) -> list[Cell]:
     from ssmis.config import load_config
     from ssmis.config.load import merge_config
 
+    from ssmis.bench.pretraining import pretrain_run_for
+
     keys = sorted(suite.grid, key=lambda k: (_rank(k), list(suite.grid).index(k)))
     common = nest(suite.set, f"{suite_path}: set")
     cells: dict[str, Cell] = {}
+    pretrains: dict[str, Any] = {}
     for combo in itertools.product(*(suite.grid[k] for k in keys)):
         values = {k: v for k, v in zip(keys, combo)}
         name = cell_name(values)
@@ -200,7 +211,15 @@ def build_cells(suite: Suite, suite_path: Path, out: Path) -> list[Cell]:
         if name in cells:
             raise UserError(f"{suite_path}: grid", f"two cells are both named {name!r}",
                             "Make the grid values distinct in their last key part and value.")
-        cells[name] = Cell(name, values, cfg, out / name)
+        pre = None
+        if suite.pretrain:
+            pre = pretrain_run_for(_base_ref(suite, suite_path, suite.pretrain), cfg, out, f"{suite_path} (cell {name})")
+            pre = pretrains.setdefault(pre.name, pre)
+            if pre.cfg.seed != cfg.seed or pre.cfg.split != cfg.split:
+                raise UserError(f"{suite_path} (cell {name})", f"cells with different splits share {pre.name}",
+                                "Give such cells different labelled counts or seeds.")
+            cfg = cfg.model_copy(update={"init": cfg.init.model_copy(update={"encoder": pre.dir.as_posix()})})
+        cells[name] = Cell(name, values, cfg, out / name, pre)
     return list(cells.values())
 
 
@@ -215,10 +234,18 @@ def check_existing(cells: list[Cell]) -> None:
             continue
         old = yaml.safe_load(cfg_file.read_text()) or {}
         old.pop("ssmis", None)
-        diff = config_differences(old, c.cfg.model_dump(mode="json"), default_config(c.cfg))
+        new = c.cfg.model_dump(mode="json")
+        if c.pretrain is not None and isinstance(old.get("init"), dict):   # the suite's own pre-training, wherever
+            old["init"]["encoder"] = new["init"]["encoder"]                # the suite folder is now
+        diff = config_differences(old, new, default_config(c.cfg))
         if diff:
             raise UserError(str(c.dir), f"this cell was run with another config ({'; '.join(diff[:4])})",
                             "Delete the cell folder to retrain it, or give the suite another --out.")
+
+
+def pretrain_runs(cells: list[Cell]) -> list:
+    """The distinct pre-training runs of these cells, in cell order."""
+    return list({c.pretrain.name: c.pretrain for c in cells if c.pretrain is not None}.values())
 
 
 # ---- running one cell ------------------------------------------------------------------------------------------
@@ -378,6 +405,8 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int =
                     "started": "started, no checkpoint (restart)", "new": "new"}[states[c.name]]
             what = what if c.name in chosen else "not selected (--only)"
             print(f"  {c.name:{width}s}  {what:32s}  " + " ".join(f"{k}={value_tag(v)}" for k, v in c.values.items()))
+        for p in pretrain_runs(cells):
+            print(f"  {p.name:{width}s}  pre-training: {p.state}")
         return 0
     failed: list[dict] = []
     if not report_only:
@@ -387,6 +416,9 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int =
               + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
         if todo:
             out_dir.mkdir(parents=True, exist_ok=True)
+            from ssmis.bench.pretraining import ensure_pretrained
+
+            ensure_pretrained(pretrain_runs([c for c in todo if c.state in ("new", "started")]), threads, progress)
             failed = [r for r in _run_all(todo, jobs, progress, threads) if "error" in r]
     done = [c for c in cells if c.state == "finished"]
     if not done:

@@ -17,7 +17,8 @@ import numpy as np
 
 from ssmis import __version__
 from ssmis.atomic import atomic_write_text
-from ssmis.bench.grid import CELL_RECORD, Cell, Suite, base_label, is_method_key, value_tag
+from ssmis.bench.grid import CELL_RECORD, Cell, Suite, base_label, is_method_key, pretrain_runs, value_tag
+from ssmis.bench.pretraining import pretraining_section
 from ssmis.data.splits import PARTS, Splits
 from ssmis.errors import UserError
 
@@ -368,6 +369,7 @@ def results_md(suite: Suite, suite_path: Path, cells: Sequence[Cell], results: S
                           "(Dice of the slice in the title).", ""]
     if suite.ordering:
         lines += ordering_section(results)
+    lines += pretraining_section(pretrain_runs(list(cells)))
     table = val_curves_table({r.cell.name: r.cell.dir / "metrics.csv" for r in results})
     if table:
         lines += ["### Validation Dice by step", "", "Mean foreground Dice on the val split at each validation "

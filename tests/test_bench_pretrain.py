@@ -1,0 +1,113 @@
+"""Suites with `pretrain:` (SPCL initialisation in a bench): one pre-training per seed before the cells, every cell
+starting from its encoder, the report's pre-training table, a missing (uncommitted) checkpoint re-made when a cell
+needs it, and the mistakes as one clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from conftest import SMALL
+from ssmis.bench import run_suite
+from ssmis.cli import main
+from ssmis.errors import UserError
+
+COMMON = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in SMALL)}
+
+
+def write_suite(tmp_path, **extra):
+    pre = {"base": "phantom", **{k: v for k, v in COMMON.items() if not k.startswith("split")}}
+    pre.update({"pretrain.scans_per_batch": 3, "train.iterations": 4, "train.ckpt_every": 4, "train.log_every": 1,
+                "train.deterministic": True})
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(_nest(pre)))
+    common = {**COMMON, "train.iterations": 6, "train.eval_every": 6, "train.ckpt_every": 6, "train.log_every": 3}
+    suite = {"name": "spcl", "base": "phantom", "pretrain": "pre.yaml", "set": common,
+             "grid": {"method.name": ["supervised", "mean_teacher"], "seed": [0, 1]}, "qualitative": {"slices": 1},
+             **extra}
+    path = tmp_path / "spcl.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return path
+
+
+def _nest(dotted):
+    out = {}
+    for k, v in dotted.items():
+        node = out
+        *parents, last = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench_pre")
+    path, out = write_suite(tmp), tmp / "out"
+    n = torch.get_num_threads()
+    assert run_suite(path, out=out, progress=False) == 0
+    torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(n)
+    return path, out
+
+
+def test_each_seed_is_pretrained_once_and_its_cells_start_from_it(ran):
+    path, out = ran
+    pres = sorted(p.name for p in out.glob("pretrain-*"))
+    assert pres == ["pretrain-l2-s0", "pretrain-l2-s1"]
+    for p in pres:
+        summary = json.loads((out / p / "pretrain_summary.json").read_text())
+        assert summary["step"] == summary["total"] == 4
+        assert (out / p / "plots" / "pretrain.png").is_file()
+        cfg = yaml.safe_load((out / p / "config.yaml").read_text())
+        assert cfg["seed"] == int(p[-1]) and cfg["split"]["labeled"] == 2
+    for cell in ("supervised-s0", "mean_teacher-s0", "supervised-s1", "mean_teacher-s1"):
+        seed = cell[-1]
+        cfg = yaml.safe_load((out / cell / "config.yaml").read_text())
+        assert cfg["init"]["encoder"] == (out / f"pretrain-l2-s{seed}").as_posix()
+        info = json.loads((out / cell / "train_summary.json").read_text())["init_encoder"]
+        assert info["path"].endswith(f"pretrain-l2-s{seed}/checkpoints/last.pt") and info["pretrain_step"] == 4
+        # the pre-training and the cell read the same split: never its val or test cases
+        assert json.loads((out / cell / "splits.json").read_text()) == \
+            json.loads((out / f"pretrain-l2-s{seed}" / "splits.json").read_text())
+    md = (out / "results.md").read_text()
+    assert "## Pre-training" in md and "| `pretrain-l2-s0` | 4 |" in md and "| `pretrain-l2-s1` | 4 |" in md
+
+
+def test_a_missing_pretraining_checkpoint_is_remade_only_when_a_cell_needs_it(ran, tmp_path, capsys):
+    path, out = ran
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.pt"))     # as committed: no checkpoints
+    assert main(["bench", str(path), "--out", str(copy), "--dry-run"]) == 0
+    assert "pre-training: finished, checkpoint missing" in capsys.readouterr().out
+    n = torch.get_num_threads()
+    assert run_suite(path, out=copy, progress=False) == 0                 # every cell finished: nothing re-made
+    assert not (copy / "pretrain-l2-s0" / "checkpoints" / "last.pt").exists()
+    shutil.rmtree(copy / "supervised-s1")
+    assert run_suite(path, out=copy, progress=False, only=["supervised-s1"]) == 0
+    torch.use_deterministic_algorithms(False)
+    torch.set_num_threads(n)
+    assert "not committed" in capsys.readouterr().err
+    assert (copy / "pretrain-l2-s1" / "checkpoints" / "last.pt").is_file()
+    assert not (copy / "pretrain-l2-s0" / "checkpoints" / "last.pt").exists()
+    # deterministic: the re-made pre-training is the committed one
+    a = torch.load(out / "pretrain-l2-s1" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(copy / "pretrain-l2-s1" / "checkpoints" / "last.pt", weights_only=False)
+    for k, v in a["encoder"].items():
+        assert torch.equal(v, b["encoder"][k]), k
+
+
+def test_pretrain_suite_mistakes(tmp_path):
+    path = write_suite(tmp_path, set={**COMMON, "init.encoder": "somewhere"})
+    with pytest.raises(UserError, match="init.encoder comes from `pretrain`"):
+        run_suite(path, dry_run=True)
+    path = write_suite(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["set"]["data.patch_size"] = [24, 24]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="data.patch_size"):
+        run_suite(path, dry_run=True)
