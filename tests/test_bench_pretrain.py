@@ -26,7 +26,8 @@ def write_suite(tmp_path, **extra):
     (tmp_path / "pre.yaml").write_text(yaml.safe_dump(_nest(pre)))
     common = {**COMMON, "train.iterations": 6, "train.eval_every": 6, "train.ckpt_every": 6, "train.log_every": 3}
     suite = {"name": "spcl", "base": "phantom", "pretrain": "pre.yaml", "set": common,
-             "grid": {"method.name": ["supervised", "mean_teacher"], "seed": [0, 1]}, "qualitative": {"slices": 1},
+             "grid": {"method.name": ["supervised", "mean_teacher"], "split.labeled": [1, 2], "seed": [0, 1]},
+             "qualitative": {"slices": 1},
              **extra}
     path = tmp_path / "spcl.yaml"
     path.write_text(yaml.safe_dump(suite, sort_keys=False))
@@ -58,24 +59,26 @@ def ran(tmp_path_factory):
 def test_each_seed_is_pretrained_once_and_its_cells_start_from_it(ran):
     path, out = ran
     pres = sorted(p.name for p in out.glob("pretrain-*"))
-    assert pres == ["pretrain-l2-s0", "pretrain-l2-s1"]
+    assert pres == ["pretrain-s0", "pretrain-s1"]                 # one per seed, for both labelled counts
     for p in pres:
         summary = json.loads((out / p / "pretrain_summary.json").read_text())
         assert summary["step"] == summary["total"] == 4
         assert (out / p / "plots" / "pretrain.png").is_file()
-        cfg = yaml.safe_load((out / p / "config.yaml").read_text())
-        assert cfg["seed"] == int(p[-1]) and cfg["split"]["labeled"] == 2
-    for cell in ("supervised-s0", "mean_teacher-s0", "supervised-s1", "mean_teacher-s1"):
+        assert yaml.safe_load((out / p / "config.yaml").read_text())["seed"] == int(p[-1])
+    cells = [f"{m}-l{n}-s{k}" for m in ("supervised", "mean_teacher") for n in (1, 2) for k in (0, 1)]
+    for cell in cells:
         seed = cell[-1]
         cfg = yaml.safe_load((out / cell / "config.yaml").read_text())
-        assert cfg["init"]["encoder"] == (out / f"pretrain-l2-s{seed}").as_posix()
+        assert cfg["init"]["encoder"] == (out / f"pretrain-s{seed}").as_posix()
         info = json.loads((out / cell / "train_summary.json").read_text())["init_encoder"]
-        assert info["path"].endswith(f"pretrain-l2-s{seed}/checkpoints/last.pt") and info["pretrain_step"] == 4
-        # the pre-training and the cell read the same split: never its val or test cases
-        assert json.loads((out / cell / "splits.json").read_text()) == \
-            json.loads((out / f"pretrain-l2-s{seed}" / "splits.json").read_text())
+        assert info["path"].endswith(f"pretrain-s{seed}/checkpoints/last.pt") and info["pretrain_step"] == 4
+        # the pre-training used the cell's training cases (labelled or not) and never its val or test cases
+        mine = json.loads((out / cell / "splits.json").read_text())
+        pre = json.loads((out / f"pretrain-s{seed}" / "splits.json").read_text())
+        assert sorted(mine["labeled"] + mine["unlabeled"]) == sorted(pre["labeled"] + pre["unlabeled"])
+        assert (mine["val"], mine["test"]) == (pre["val"], pre["test"])
     md = (out / "results.md").read_text()
-    assert "## Pre-training" in md and "| `pretrain-l2-s0` | 4 |" in md and "| `pretrain-l2-s1` | 4 |" in md
+    assert "## Pre-training" in md and "| `pretrain-s0` | 4 |" in md and "| `pretrain-s1` | 4 |" in md
 
 
 def test_a_missing_pretraining_checkpoint_is_remade_only_when_a_cell_needs_it(ran, tmp_path, capsys):
@@ -86,22 +89,25 @@ def test_a_missing_pretraining_checkpoint_is_remade_only_when_a_cell_needs_it(ra
     assert "pre-training: finished, checkpoint missing" in capsys.readouterr().out
     n = torch.get_num_threads()
     assert run_suite(path, out=copy, progress=False) == 0                 # every cell finished: nothing re-made
-    assert not (copy / "pretrain-l2-s0" / "checkpoints" / "last.pt").exists()
-    shutil.rmtree(copy / "supervised-s1")
-    assert run_suite(path, out=copy, progress=False, only=["supervised-s1"]) == 0
+    assert not (copy / "pretrain-s0" / "checkpoints" / "last.pt").exists()
+    shutil.rmtree(copy / "supervised-l1-s1")
+    assert run_suite(path, out=copy, progress=False, only=["supervised-l1-s1"]) == 0
     torch.use_deterministic_algorithms(False)
     torch.set_num_threads(n)
     assert "not committed" in capsys.readouterr().err
-    assert (copy / "pretrain-l2-s1" / "checkpoints" / "last.pt").is_file()
-    assert not (copy / "pretrain-l2-s0" / "checkpoints" / "last.pt").exists()
+    assert (copy / "pretrain-s1" / "checkpoints" / "last.pt").is_file()
+    assert not (copy / "pretrain-s0" / "checkpoints" / "last.pt").exists()
     # deterministic: the re-made pre-training is the committed one
-    a = torch.load(out / "pretrain-l2-s1" / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(copy / "pretrain-l2-s1" / "checkpoints" / "last.pt", weights_only=False)
+    a = torch.load(out / "pretrain-s1" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(copy / "pretrain-s1" / "checkpoints" / "last.pt", weights_only=False)
     for k, v in a["encoder"].items():
         assert torch.equal(v, b["encoder"][k]), k
 
 
 def test_pretrain_suite_mistakes(tmp_path):
+    path = write_suite(tmp_path, grid={"method.name": ["supervised"], "split.seed": [1, 2], "seed": [0]})
+    with pytest.raises(UserError, match="share pretrain-s0 but their splits differ"):
+        run_suite(path, dry_run=True)
     path = write_suite(tmp_path, set={**COMMON, "init.encoder": "somewhere"})
     with pytest.raises(UserError, match="init.encoder comes from `pretrain`"):
         run_suite(path, dry_run=True)

@@ -109,3 +109,21 @@ def test_hc18_lite_split_counts_and_nested_labelled_sets(hc18):
     assert len(subjects(ten.labeled) | subjects(ten.unlabeled)) == 451
     assert subjects(ten.labeled) < subjects(twenty.labeled)                     # the 10 % set is inside the 20 %
     assert (ten.test, ten.val) == (twenty.test, twenty.val)
+
+
+def test_acdc_labelled_scans_split_spcl_protocol(acdc):
+    """split.labeled_scans (SPCL's labelled-scan protocol): exactly the slices of the named scans are labelled, the
+    other phase of the same patient stays unlabelled, val/test are the ACDC lists; a val/test scan is refused."""
+    from ssmis.config.schema import SplitConfig
+    from ssmis.data.splits import make_splits
+
+    scans = ["patient100_frame01", "patient027_frame02"]
+    sp = make_splits(acdc, SplitConfig(labeled_scans=scans))
+    assert len(sp.labeled) == 8 + 10 and len(sp.unlabeled) == 1312 - 18 and (len(sp.val), len(sp.test)) == (20, 40)
+    assert {c.rsplit("_slice_", 1)[0] for c in sp.labeled} == set(scans)
+    assert sum(c.startswith("patient100_frame02_") for c in sp.unlabeled) == 8
+    assert sp.meta["labeled_scans"] == scans
+    with pytest.raises(Exception, match="val/test scans"):
+        make_splits(acdc, SplitConfig(labeled_scans=[sp.val[0]]))
+    with pytest.raises(Exception, match="not scans of the training split"):
+        make_splits(acdc, SplitConfig(labeled_scans=["patient999_frame01"]))

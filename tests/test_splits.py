@@ -78,3 +78,15 @@ def test_splits_json_round_trip(tmp_path):
     p = tmp_path / "s.json"
     p.write_text(s.to_json())
     assert Splits.read(p) == s
+
+
+def test_labeled_scans_label_exactly_those_scans():
+    adapter = PhantomAdapter()
+    base = make_splits(adapter, SplitConfig(labeled=2, val=1, test=2))
+    train = base.labeled + base.unlabeled
+    pick = [train[3], train[0]]
+    s = make_splits(adapter, SplitConfig(labeled=2, val=1, test=2, labeled_scans=pick))
+    assert s.labeled == [train[0], train[3]]                       # the split's order, not the list's
+    assert s.unlabeled == [c for c in train if c not in pick] and (s.val, s.test) == (base.val, base.test)
+    with pytest.raises(UserError, match="val/test scans"):
+        make_splits(adapter, SplitConfig(labeled=2, val=1, test=2, labeled_scans=[base.test[0]]))

@@ -49,9 +49,9 @@ class Suite(_Strict):
     ordering: bool = Field(False, description="Add methods.md's ACDC-lite ordering check (rules 1-4, its tolerance "
                            "rule) on the best-val test Dice to results.md.")
     pretrain: str | None = Field(None, description="An `ssmis pretrain` config (relative to the suite file, e.g. "
-                                 "../configs/spcl_pretrain.yaml): each (labelled count, seed) of the grid is "
-                                 "pre-trained once, with the cell's seed and split, into <out>/pretrain-l<N>-s<seed> "
-                                 "before the cells, and every cell starts from its encoder (init.encoder).")
+                                 "../configs/spcl_pretrain.yaml): each seed of the grid is pre-trained once, on "
+                                 "the cells' training cases, into <out>/pretrain-s<seed> before the cells, and every "
+                                 "cell starts from its encoder (init.encoder).")
 
     @field_validator("grid")
     @classmethod
@@ -171,6 +171,8 @@ def cell_name(values: dict[str, Any]) -> str:
             return value_tag(v)
         if key == "split.labeled":
             return "l" + value_tag(v)
+        if key == "split.labeled_scans":
+            return f"{len(v)}scans"
         if key == "seed":
             return "s" + value_tag(v)
         return key.rsplit(".", 1)[-1] + value_tag(v)
@@ -194,7 +196,7 @@ def build_cells(suite: Suite, suite_path: Path, out: Path) -> list[Cell]:
     from ssmis.config import load_config
     from ssmis.config.load import merge_config
 
-    from ssmis.bench.pretraining import pretrain_run_for
+    from ssmis.bench.pretraining import pretrain_run_for, same_training_cases
 
     keys = sorted(suite.grid, key=lambda k: (_rank(k), list(suite.grid).index(k)))
     common = nest(suite.set, f"{suite_path}: set")
@@ -215,9 +217,10 @@ def build_cells(suite: Suite, suite_path: Path, out: Path) -> list[Cell]:
         if suite.pretrain:
             pre = pretrain_run_for(_base_ref(suite, suite_path, suite.pretrain), cfg, out, f"{suite_path} (cell {name})")
             pre = pretrains.setdefault(pre.name, pre)
-            if pre.cfg.seed != cfg.seed or pre.cfg.split != cfg.split:
-                raise UserError(f"{suite_path} (cell {name})", f"cells with different splits share {pre.name}",
-                                "Give such cells different labelled counts or seeds.")
+            if not same_training_cases(pre.cfg.split, cfg.split):
+                raise UserError(f"{suite_path} (cell {name})", f"cells of seed {cfg.seed} share {pre.name} but their "
+                                "splits differ in more than the labelled cases", "Vary only split.labeled or "
+                                "split.labeled_scans in a suite with `pretrain`.")
             cfg = cfg.model_copy(update={"init": cfg.init.model_copy(update={"encoder": pre.dir.as_posix()})})
         cells[name] = Cell(name, values, cfg, out / name, pre)
     return list(cells.values())

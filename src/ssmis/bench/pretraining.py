@@ -1,9 +1,10 @@
 """Suites whose cells start from a pre-trained encoder (SPCL, `pretrain:` in a suite): one `ssmis pretrain` run per
-(labelled count, seed) of the grid, in the suite folder beside the cells (`pretrain-l68-s0`), made before the cells
-that need it; every cell's `init.encoder` points at its run.
+seed of the grid, in the suite folder beside the cells (`pretrain-s0`), made before the cells that need it; every
+cell's `init.encoder` points at its run.
 
-The pre-training uses the cell's seed and split (so it never sees the cell's val/test cases) and must read the
-cell's data (layout, root, patch size). Its checkpoint is not committed: on a fresh clone a
+The pre-training uses the cell's seed and split settings (so it never sees the cells' val/test cases) and must read
+the cells' data (layout, root, patch size). It uses every training case, labelled or not, in sorted order, so one
+pre-training serves every labelled count (as SPCL pre-trains once and fine-tunes each labelled ratio from it). Its checkpoint is not committed: on a fresh clone a
 finished pre-training whose checkpoint is gone is run again (the log says so) when an unfinished cell needs it; with
 `train.deterministic` on the same kind of CPU it is the same run.
 """
@@ -23,7 +24,7 @@ SUMMARY = "pretrain_summary.json"
 
 @dataclass
 class PretrainRun:
-    name: str              # pretrain-l68-s0
+    name: str              # pretrain-s0
     cfg: Any               # RunConfig of `ssmis pretrain`
     dir: Path
 
@@ -42,14 +43,8 @@ class PretrainRun:
         return json.loads(p.read_text()) if p.is_file() else None
 
 
-def pretrain_name(labeled: Any, seed: int) -> str:
-    from ssmis.bench.grid import value_tag
-
-    return f"pretrain-l{value_tag(labeled)}-s{seed}"
-
-
 def pretrain_run_for(pretrain_ref: str, cell_cfg: Any, out: Path, where: str) -> PretrainRun:
-    """The pre-training a cell starts from: the suite's pretrain config with the cell's seed and split."""
+    """The pre-training a cell starts from: the suite's pretrain config with the cell's seed and split settings."""
     from ssmis.config import load_config
 
     data = {"seed": cell_cfg.seed, "split": cell_cfg.split.model_dump(mode="json")}
@@ -62,8 +57,14 @@ def pretrain_run_for(pretrain_ref: str, cell_cfg: Any, out: Path, where: str) ->
         if mine != theirs:
             raise UserError(f"{where}: pretrain", f"the pre-training's data.{key} is {mine!r} but the cells' is "
                             f"{theirs!r}", "Pre-train on the cells' data: give both the same data section.")
-    name = pretrain_name(cell_cfg.split.labeled, cell_cfg.seed)
+    name = f"pretrain-s{cell_cfg.seed}"
     return PretrainRun(name, cfg, out / name)
+
+
+def same_training_cases(a: Any, b: Any) -> bool:
+    """Two split configs give the same training cases (labelled + unlabelled) and val/test, whatever is labelled."""
+    ignore = {"labeled", "labeled_scans"}
+    return a.model_dump(exclude=ignore) == b.model_dump(exclude=ignore)
 
 
 def ensure_pretrained(runs: list[PretrainRun], threads: int | None, progress: bool) -> None:
@@ -93,7 +94,7 @@ def pretraining_section(runs: list[PretrainRun]) -> list[str]:
     if not runs:
         return []
     lines = ["## Pre-training", "",
-             "Every cell starts from the encoder of the `ssmis pretrain` run of its labelled count and seed (init.encoder; "
+             "Every cell starts from the encoder of the `ssmis pretrain` run of its seed (init.encoder; "
              "its last checkpoint). Its steps come on top of the cells' training steps.", "",
              "| run | steps | wall s | s/it | step s | final loss |", "|---|---|---|---|---|---|"]
     for r in runs:

@@ -56,7 +56,9 @@ class RunResult:
 
     @property
     def labeled(self) -> float:
-        return float(self.cell.cfg.split.labeled)
+        """split.labeled, or the number of split.labeled_scans."""
+        scans = self.cell.cfg.split.labeled_scans
+        return float(len(scans)) if scans else float(self.cell.cfg.split.labeled)
 
     @property
     def setting(self) -> tuple:

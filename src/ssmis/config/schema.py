@@ -75,6 +75,10 @@ class SplitConfig(Section):
     test: float = Field(0.2, ge=0, description="Test patients: a count >= 1 or a fraction < 1 (ignored where the dataset has a test list).")
     seed: int = Field(0, description="Seed of the patient permutation (fixed across methods for a fair comparison).")
     file: str | None = Field(None, description="An explicit splits.json (lists of case ids) instead of drawing one.")
+    labeled_scans: list[str] | None = Field(None, description="Label exactly these training scans (volume ids, e.g. "
+                                            "ACDC patient100_frame01: all its slices in a slice layout), every other "
+                                            "training case unlabelled, val/test as the split makes them; replaces "
+                                            "split.labeled (SPCL's labelled-scan protocol).")
 
 
 class ModelConfig(Section):

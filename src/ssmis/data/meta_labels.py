@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from ssmis.data.adapter import Item
+from ssmis.data.splits import SLICE_FILE
 from ssmis.errors import UserError
 
 BUILTIN = ("partition", "scan", "patient", "phase", "self")
-_SLICE_FILE = re.compile(r"(?P<volume>.+)_slice_(?P<k>\d+)")
 _FRAME = re.compile(r"(?P<patient>.+?)_frame(?P<frame>\d+)")
 
 
@@ -65,7 +65,7 @@ class SliceOrigin:
 
 def slice_origin(item: Item) -> SliceOrigin:
     """Scan, patient and frame of the slices of `item` (a slice file or a volume cut into slices)."""
-    m = _SLICE_FILE.fullmatch(item.id) if "slice_index" in item.meta else None
+    m = SLICE_FILE.fullmatch(item.id) if "slice_index" in item.meta else None
     scan = m["volume"] if m else item.id
     f = _FRAME.fullmatch(scan)
     patient = f["patient"] if f else item.patient

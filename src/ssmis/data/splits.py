@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ssmis.data.adapter import Adapter, Item
 from ssmis.errors import UserError
 
 PARTS = ("labeled", "unlabeled", "val", "test")
+SLICE_FILE = re.compile(r"(?P<volume>.+)_slice_(?P<k>\d+)")   # SSL4MIS slice files: <volume>_slice_K
 
 
 @dataclass
@@ -41,12 +43,17 @@ class Splits:
         return cls(**{k: list(raw.get(k, [])) for k in PARTS}, meta=raw.get("meta", {}))
 
     def check(self, patient_of: dict[str, str], where: str = "splits") -> None:
-        """Every id must exist, and no patient may sit on two sides (labelled and unlabelled share the train side)."""
+        """Every id must exist, no case may be in two parts, and no patient may sit on two sides (labelled and
+        unlabelled share the train side: SPCL labels one cardiac phase of a patient and not the other)."""
+        parts: dict[str, str] = {}
         for part in PARTS:
             unknown = [c for c in getattr(self, part) if c not in patient_of]
             if unknown:
                 raise UserError(where, f"{part} names unknown cases {unknown[:3]}", "Check the case ids against the dataset.")
-        sides = {"labeled": "labeled", "unlabeled": "unlabeled", "val": "val", "test": "test"}
+            for c in getattr(self, part):
+                if parts.setdefault(c, part) != part:
+                    raise UserError(where, f"case {c} is in both {parts[c]} and {part}", "Give each case one part.")
+        sides = {"labeled": "train", "unlabeled": "train", "val": "val", "test": "test"}
         seen: dict[str, str] = {}
         for part, side in sides.items():
             for c in getattr(self, part):
@@ -73,16 +80,43 @@ def make_splits(adapter: Adapter, cfg) -> Splits:
     if cfg.file:
         splits = Splits.read(cfg.file)
         splits.check(patient_of, cfg.file)
-        return splits
+        return label_scans(splits, cfg.labeled_scans)
     if cfg.protocol:
         splits = adapter.protocol_splits(cfg.labeled, cfg.seed)
         if splits is not None:
             splits.check(patient_of, f"{adapter.name} protocol split")
-            return splits
+            return label_scans(splits, cfg.labeled_scans)
     splits = random_splits(train_items, eval_items, cfg.labeled, cfg.val, cfg.test, cfg.seed,
                            fixed=getattr(adapter, "fixed_eval_splits", lambda: None)())
     splits.check(patient_of)
-    return splits
+    return label_scans(splits, cfg.labeled_scans)
+
+
+def scan_of(case_id: str) -> str:
+    """The scan a case belongs to: `<volume>` of an SSL4MIS slice file `<volume>_slice_K`, else the case itself."""
+    m = SLICE_FILE.fullmatch(case_id)
+    return m["volume"] if m else case_id
+
+
+def label_scans(splits: Splits, scans: list[str] | None) -> Splits:
+    """split.labeled_scans: the training cases of these scans become the labelled set (in the split's order), every
+    other training case unlabelled; val and test stay."""
+    if not scans:
+        return splits
+    train = splits.labeled + splits.unlabeled
+    have = {scan_of(c) for c in train}
+    unknown = [s for s in scans if s not in have]
+    if unknown:
+        held = {scan_of(c) for c in splits.val + splits.test}
+        where = "are val/test scans" if all(s in held for s in unknown) else "are not scans of the training split"
+        raise UserError("split.labeled_scans", f"{unknown[:3]} {where}",
+                        f"Name training scans (e.g. {sorted(have)[0]}); val and test scans are never labelled.")
+    wanted = set(scans)
+    lab = [c for c in train if scan_of(c) in wanted]
+    meta = {**splits.meta, "rule": f"labelled scans given by split.labeled_scans ({len(scans)}); every other "
+            "training case unlabelled; val/test as before", "labeled_scans": list(scans),
+            "labeled_cases": len(lab)}
+    return Splits(lab, [c for c in train if scan_of(c) not in wanted], splits.val, splits.test, meta)
 
 
 def random_splits(train_items: list[Item], eval_items: list[Item], labeled: float, val: float, test: float,

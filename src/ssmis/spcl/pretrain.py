@@ -219,7 +219,8 @@ def setup_pretrain(cfg: RunConfig, run_dir: Path | None, resuming: bool = False,
     info = adapter.info()
     splits = _splits_for_run(adapter, cfg, run_dir, resuming)
     by_id = {it.id: it for it in adapter.items("train")}
-    ids = list(splits.labeled) + list(splits.unlabeled)        # every training case; never val or test
+    ids = sorted(splits.labeled + splits.unlabeled)   # every training case, never val/test; sorted, so the same
+    #                                                   pre-training serves every labelled count of a split
     patch = tuple(cfg.data.patch_size)
     data = build_slice_set(adapter, [by_id[i] for i in ids], patch, False, cfg.data.slice_axis, cfg.data.image_order,
                            "pre-training", cfg.data.pad_square, cfg.data.augment_at).to(device)
