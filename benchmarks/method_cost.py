@@ -14,11 +14,15 @@ patches) a step draws: labelled + unlabelled, labelled only for methods that use
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
+from ssmis.bench.grid import peak_memory, reset_peak_memory
 from ssmis.config import load_config
 from ssmis.engine import threads
 from ssmis.engine.run import setup
@@ -30,8 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-def seconds_per_iteration(method: str, data: str, iters: int, warmup: int, config: str = "configs/acdc_lite.yaml"
-                          ) -> tuple[float, str, int]:
+def seconds_per_iteration(method: str, data: str, iters: int, warmup: int, config: str = "configs/acdc_lite.yaml",
+                          n_threads: int | None = None) -> tuple[float, str, int, float | None]:
+    """(s/it, precision, images per step, peak memory in MiB of this method's setup and steps). Meant to run in a
+    fresh process per method (see `measure`), so that the peak is this method's alone."""
+    if n_threads:
+        threads.assign(n_threads, f"--threads {n_threads}")
     total = 1000
     run = [f"data.root={data}", f"train.iterations={total}", "train.eval_every=0", "train.ckpt_every=100000"]
     if method.endswith((".yaml", ".yml")):
@@ -43,6 +51,7 @@ def seconds_per_iteration(method: str, data: str, iters: int, warmup: int, confi
         method = cfg.method["name"]
     else:
         cfg = load_config(ROOT / config, [*run, f"method.name={method}"])
+    reset_peak_memory()
     trainer = setup(cfg, None, log=lambda m: None)
     trainer.val_cases = []
     start = max(trainer.stage_bounds().values())          # time the last stage
@@ -50,8 +59,24 @@ def seconds_per_iteration(method: str, data: str, iters: int, warmup: int, confi
     trainer.fit(progress=False, stop_after=start + warmup)
     t0 = time.perf_counter()
     trainer.fit(progress=False, stop_after=start + warmup + iters)
+    seconds = (time.perf_counter() - t0) / iters
+    precision = trainer.precision.label
     images = cfg.train.labeled_bs + (cfg.train.unlabeled_bs if METHODS.get(method).uses_unlabeled else 0)
-    return (time.perf_counter() - t0) / iters, trainer.precision.label, images
+    memory = peak_memory()
+    peak = memory["peak_cuda_mib"] if memory["peak_cuda_mib"] is not None else memory["peak_rss_mib"]
+    return seconds, precision, images, peak
+
+
+def measure(method: str, data: str, iters: int, warmup: int, config: str, n_threads: int):
+    """seconds_per_iteration in a fresh process: memory freed by one method would otherwise stay in the process's
+    resident set and count towards the next one's peak."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=sys.path.insert, initargs=(0, str(Path(__file__).parent))) as pool:
+        return pool.submit(seconds_per_iteration, method, data, iters, warmup, config, n_threads).result()
+
+
+def _mib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f}"
 
 
 def main() -> None:
@@ -68,13 +93,14 @@ def main() -> None:
     methods = a.methods or METHODS.list()
     if "mean_teacher" not in methods:
         methods = ["mean_teacher", *methods]
-    times, images, precision = {}, {}, ""
+    times, images, peaks, precision = {}, {}, {}, ""
     for m in methods:
         label = Path(m).stem if m.endswith((".yaml", ".yml")) else m
-        times[label], precision, images[label] = seconds_per_iteration(m, a.data, a.iters, a.warmup, a.config)
-        print(f"{label:16s} {times[label]:.3f} s/it", flush=True)
+        times[label], precision, images[label], peaks[label] = measure(m, a.data, a.iters, a.warmup, a.config,
+                                                                       a.threads)
+        print(f"{label:16s} {times[label]:.3f} s/it, peak {peaks[label]} MiB", flush=True)
     ref = times["mean_teacher"]
-    rows = [f"| {m} | {t:.3f} | {images[m] / t:.2f} | {t / ref:.2f} |" for m, t in times.items()]
+    rows = [f"| {m} | {t:.3f} | {images[m] / t:.2f} | {t / ref:.2f} | {_mib(peaks[m])} |" for m, t in times.items()]
     cfg = load_config(ROOT / a.config)
     setting = (f"{a.config}: patch {'x'.join(map(str, cfg.data.patch_size))}, {cfg.model.name}, "
                f"{cfg.train.labeled_bs} + {cfg.train.unlabeled_bs}")
@@ -83,8 +109,10 @@ def main() -> None:
     text = section(f"Cost per iteration relative to Mean Teacher ({setting})", command,
                    f"{a.threads} threads; torch {torch.__version__}; precision {precision}",
                    ["The engine's whole iteration (sampling, augmentation, forward/backward, teacher updates), no "
-                    "validation; multi-stage methods timed in their last stage."],
-                   ["method", "s/it", "images or patches / s", "relative to Mean Teacher"], rows)
+                    "validation; multi-stage methods timed in their last stage. Each method runs in a fresh process, one "
+                    "after the other; peak memory: that process's peak resident set (GPU: peak allocated tensors) "
+                    "from the method's setup (data loading included) through its timed steps."],
+                   ["method", "s/it", "images or patches / s", "relative to Mean Teacher", "peak memory (MiB)"], rows)
     print(text)
     if a.record:
         record(text)

@@ -252,7 +252,7 @@ def pretrain_runs(cells: list[Cell]) -> list:
 
 
 # ---- running one cell ------------------------------------------------------------------------------------------
-def _reset_peak_memory() -> None:
+def reset_peak_memory() -> None:
     try:   # Linux: "5" resets this process's peak resident set size (VmHWM)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -264,7 +264,7 @@ def _reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_memory() -> dict:
+def peak_memory() -> dict:
     out: dict = {"peak_rss_mib": None, "peak_cuda_mib": None}
     try:
         with open("/proc/self/status") as f:
@@ -317,7 +317,7 @@ def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: tuple
             evaluate_checkpoints(d, "test", ("best", "last"), quiet=True)
             return {"cell": d.name, "action": "evaluated"}
         start = int(load_checkpoint(d / "checkpoints" / "last.pt")["step"]) if state == "interrupted" else 0
-        _reset_peak_memory()
+        reset_peak_memory()
         result = train(cfg, out=d, resume=state == "interrupted", overwrite=state == "started", progress=progress,
                        test_at_end=False)
         evaluate_checkpoints(d, "test", ("best", "last"), quiet=True)
@@ -327,7 +327,7 @@ def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: tuple
                   "s_per_it": round(float(result["seconds"]) / steps, 4) if steps > 0 else None,
                   "median_step_s": (round(float(result["median_step_seconds"]), 4)
                                     if result.get("median_step_seconds") is not None else None),
-                  **_peak_memory(), "precision": result.get("precision"), "machine": machine_info(),
+                  **peak_memory(), "precision": result.get("precision"), "machine": machine_info(),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write_text(d / CELL_RECORD, json.dumps(record, indent=1) + "\n")
         return {"cell": d.name, "action": "resumed" if start else "trained"}
