@@ -63,12 +63,14 @@ def geometry_matrix(g: GeometryDraw, h0: Tensor, w0: Tensor) -> tuple[Tensor, Te
     return m, ha, wa
 
 
-def source_coordinates(g: GeometryDraw, size: Tensor, patch: tuple[int, int], exact: bool) -> tuple[Tensor, Tensor]:
+def source_coordinates(g: GeometryDraw, size: Tensor, patch: tuple[int, int], exact: bool,
+                       geometry: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """For each sample and output pixel of the P×Q patch, the (row, col) in the sample's source slice of
     size[i] = (H, W) that the reference (geometric step at the source size, then zoom to the patch) reads.
-    exact: round the zoom coordinate to the nearest pixel first (order-0 reference). float64, B×P×Q each."""
+    exact: round the zoom coordinate to the nearest pixel first (order-0 reference). float64, B×P×Q each.
+    geometry: `geometry_matrix(g, H, W)` when the caller has it already."""
     h0, w0 = size[:, 0].to(torch.float64), size[:, 1].to(torch.float64)
-    m, ha, wa = geometry_matrix(g, h0, w0)
+    m, ha, wa = geometry if geometry is not None else geometry_matrix(g, h0, w0)
     p, q = patch
     f64 = dict(dtype=torch.float64, device=size.device)
     rows = torch.arange(p, **f64)[None] * ((ha - 1) / max(p - 1, 1))[:, None]      # scipy zoom, grid_mode=False
@@ -145,13 +147,14 @@ class SourceSliceSet:
         g = draw_geometry(len(idx), gen, augment)
         dev_idx = idx.to(self.offset.device)
         frame = self.box[dev_idx, 2:]
-        r, c = source_coordinates(g, frame, self.patch, exact=True)
+        geometry = geometry_matrix(g, frame[:, 0].to(torch.float64), frame[:, 1].to(torch.float64))
+        r, c = source_coordinates(g, frame, self.patch, exact=True, geometry=geometry)
         pos, ok = self._nearest(dev_idx, r, c)
         lab = None if self.labels is None else self._take(self.labels, pos, ok).long()
         if self.image_order == 0:
             img = self._take(self.images, pos, ok)
         else:
-            img = self._read_bilinear(dev_idx, *source_coordinates(g, frame, self.patch, exact=False))
+            img = self._read_bilinear(dev_idx, *source_coordinates(g, frame, self.patch, exact=False, geometry=geometry))
         img = intensity_jitter(img.contiguous(), gen, intensity)
         return img, lab, self.slice_index[idx], self.num_slices[idx]
 
