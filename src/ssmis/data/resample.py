@@ -154,7 +154,8 @@ class SourceSliceSet:
         if self.image_order == 0:
             img = self._take(self.images, pos, ok)
         else:
-            img = self._read_bilinear(dev_idx, *source_coordinates(g, frame, self.patch, exact=False, geometry=geometry))
+            rc = source_coordinates(g, frame, self.patch, exact=False, geometry=geometry)
+            img = self._read_bilinear(dev_idx, *rc)
         img = intensity_jitter(img.contiguous(), gen, intensity)
         return img, lab, self.slice_index[idx], self.num_slices[idx]
 
