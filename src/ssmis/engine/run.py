@@ -176,7 +176,8 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
 
     plugins = build_plugins(cfg.plugins, num_classes, dims, t.iterations).to(device)
     torch.manual_seed(cfg.seed)                    # identical initialisation on every rank
-    ctx = BuildContext(make_model, device, t.iterations, num_classes, spatial_dims=dims, wrap=wrap, plugins=plugins)
+    ctx = BuildContext(make_model, device, t.iterations, num_classes, spatial_dims=dims, wrap=wrap, plugins=plugins,
+                       labeled_count=len(labeled), labeled_bs=t.labeled_bs)
     method = method_cls(mcfg, ctx)
     plugins.check_host(cfg.method["name"], method.slots())
     if len(plugins):

@@ -42,8 +42,10 @@ class BuildContext:
 
     def __init__(self, make_model: Callable[[], nn.Module], device: torch.device, total_steps: int,
                  num_classes: int, spatial_dims: int, wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
-                 plugins: PluginSet | None = None):
+                 plugins: PluginSet | None = None, labeled_count: int | None = None, labeled_bs: int | None = None):
         self._make_model, self.device, self.total_steps = make_model, device, total_steps
+        # the labelled training set's size (slices or volumes) and the labelled batch size, where the run knows them
+        self.labeled_count, self.labeled_bs = labeled_count, labeled_bs
         self.num_classes, self.spatial_dims, self._wrap = num_classes, spatial_dims, wrap
         self.plugins = plugins if plugins is not None else no_plugins()
         self.modules: dict[str, nn.Module] = {}

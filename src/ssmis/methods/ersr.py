@@ -94,9 +94,8 @@ class ERSRConfig(MethodConfig):
                                         "the code: the image border then dominates the score (methods.md, "
                                         "Pitfalls); default replicate padding.")
     epoch_len: int | None = Field(None, ge=1, description="Iterations per epoch of the score memory. null = "
-                                  "⌊n/labeled_bs⌋ as the reference's loader, with the labelled set size n read off "
-                                  "the labelled stream (the first index drawn twice comes after n draws); set it "
-                                  "under DDP, where each process sees only its share of that stream.")
+                                  "⌊n/labeled_bs⌋ as the reference's loader (n = labelled training images, "
+                                  "labeled_bs = the global labelled batch, also under DDP).")
 
 
 # ---- B1: dual-scoring filter ----------------------------------------------------------------------------------
@@ -373,9 +372,9 @@ class ERSR(Method):
         self.stage = self.stages[0]
         self._entered: str | None = None
         self.memory = ScoreMemory()
-        self.n_labeled: int | None = None        # labelled set size, read off the labelled stream
-        self._seen: set[int] = set()
-        self._labeled_bs = 1
+        # iterations per epoch of the score memory: epoch_len, or ⌊n/labeled_bs⌋ as the reference's loader
+        n, bs = ctx.labeled_count, ctx.labeled_bs
+        self.epoch_iters = self.cfg.epoch_len or (max(1, n // bs) if n and bs else None)
 
     def stage_fractions(self) -> tuple[float, ...]:
         return (self.cfg.pretrain_fraction, 1.0 - self.cfg.pretrain_fraction)
@@ -392,25 +391,10 @@ class ERSR(Method):
         self._entered = stage
 
     def epoch_length(self) -> int | None:
-        """Iterations per epoch of the score memory: epoch_len, or ⌊n/labeled_bs⌋ once n is known."""
-        if self.cfg.epoch_len:
-            return self.cfg.epoch_len
-        return None if self.n_labeled is None else max(1, self.n_labeled // self._labeled_bs)
-
-    def watch_labeled(self, lb: Batch) -> None:
-        """The labelled stream is a series of permutations of the n labelled indices: the first index drawn a second
-        time comes after exactly n draws."""
-        self._labeled_bs = lb.image.shape[0]
-        if self.n_labeled is not None or lb.index is None:
-            return
-        for i in lb.index.tolist():
-            if i in self._seen:
-                self.n_labeled, self._seen = len(self._seen), set()
-                return
-            self._seen.add(i)
+        """Iterations per epoch of the score memory (None: one epoch, when the labelled set size is unknown)."""
+        return self.epoch_iters
 
     def train_step(self, lb: Batch, ub: Batch | None, step: int) -> StepOutput:
-        self.watch_labeled(lb)
         sup = sup_loss(self.student(lb.image).logits, lb.label)
         if self.stage == "pretrain":
             return StepOutput(sup, {"sup": sup.detach()})
@@ -453,11 +437,8 @@ class ERSR(Method):
         return self.evaluated
 
     def extra_state(self) -> dict[str, Any]:
-        return {"entered_stage": self._entered, "memory": self.memory.state_dict(), "n_labeled": self.n_labeled,
-                "seen": sorted(self._seen), "labeled_bs": self._labeled_bs}
+        return {"entered_stage": self._entered, "memory": self.memory.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._entered = state.get("entered_stage")
         self.memory.load_state_dict(state["memory"])
-        self.n_labeled, self._seen = state["n_labeled"], set(state["seen"])
-        self._labeled_bs = state["labeled_bs"]
