@@ -280,6 +280,10 @@ def test_ramp_weight_on_hosts_without_their_own():
     assert ramp.factor(0) == pytest.approx(0.1 * math.exp(-5))
     assert ramp.factor(160) == pytest.approx(0.1 * math.exp(-5 * 0.25))
     assert build_plugins([{"name": "metassl"}], 4, 2).items[0].factor(0) == 1.0         # weight=host
+    late = build_plugins([{"name": "metassl", "weight": "ramp", "ramp_start": 0.25}], 4, 2, total_steps=600).items[0]
+    assert late.factor(149) == 0.0                                       # before the start: off
+    assert late.factor(150) == pytest.approx(0.1 * math.exp(-5))         # the ramp restarts at step 150 ...
+    assert late.factor(150 + 160) == pytest.approx(0.1 * math.exp(-5 * (1 - 1 / 3) ** 2))   # ... over 450 steps
     with pytest.raises(ValueError, match="run length"):
         build_plugins([{"name": "metassl", "weight": "ramp"}], 4, 2).items[0].factor(5)
     # BCP: with the plug-in's loss scaled to zero the loss is BCP's minus its pseudo-label CE terms

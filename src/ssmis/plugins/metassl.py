@@ -106,6 +106,9 @@ class MetaSSL(Plugin):
         rampup: float = Field(1.0, ge=0, le=1, description="weight=ramp: ramp length as a fraction of the run "
                               "(200 epochs of 150 it, scaled to the run as every ramp in ssmis).")
         epoch_len: int = Field(150, ge=1, description="weight=ramp: iterations per ramp 'epoch'.")
+        ramp_start: float = Field(0.0, ge=0, lt=1, description="weight=ramp: the ramp starts at this fraction of "
+                                  "the run (t counts from there; e.g. 0.25 = BCP's self-training start) and spans "
+                                  "rampup of the rest [ours; 0 = MetaSSL's scripts].")
         scale: float = Field(1.0, ge=0, description="Multiplies both terms (after λ(t) with weight=ramp): undoes a "
                              "host's own factor on the slot's loss (BCP and FixMatch halve it: 2).")
         compat_2d_bug: bool = Field(False, description="Reproduce the released 2D code's UC mask (pred == 0): "
@@ -186,4 +189,8 @@ class MetaSSL(Plugin):
             return c.scale
         if step is None or self.total_steps is None:
             raise ValueError("metassl weight=ramp needs the step (from the host) and the run length (from the engine)")
-        return c.scale * c.lambda_max * sigmoid_ramp(step // c.epoch_len, c.rampup * self.total_steps / c.epoch_len)
+        start = int(round(c.ramp_start * self.total_steps))
+        if step < start:
+            return 0.0
+        length = c.rampup * (self.total_steps - start) / c.epoch_len
+        return c.scale * c.lambda_max * sigmoid_ramp((step - start) // c.epoch_len, length)
