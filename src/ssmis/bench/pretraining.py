@@ -4,9 +4,9 @@ cell's `init.encoder` points at its run.
 
 The pre-training uses the cell's seed and split settings (so it never sees the cells' val/test cases) and must read
 the cells' data (layout, root, patch size). It uses every training case, labelled or not, in sorted order, so one
-pre-training serves every labelled count (as SPCL pre-trains once and fine-tunes each labelled ratio from it). Its checkpoint is not committed: on a fresh clone a
-finished pre-training whose checkpoint is gone is run again (the log says so) when an unfinished cell needs it; with
-`train.deterministic` on the same kind of CPU it is the same run.
+pre-training serves every labelled count (as SPCL pre-trains once and fine-tunes each labelled ratio from it).
+Its checkpoint is not committed: on a fresh clone a finished pre-training whose checkpoint is gone is run again (the
+log says so) when an unfinished cell needs it; with `train.deterministic` on the same kind of CPU it is the same run.
 """
 
 from __future__ import annotations
