@@ -327,6 +327,10 @@ def test_a_segformer_config_without_the_extra_fails_with_one_message(monkeypatch
                               "Install the extra: pip install 'ssmis[mn]' (or use the UNet-2D: model2d.name=unet2d).")
     with pytest.raises(UserError, match="SegFormer needs transformers, which is not installed"):
         tiny_mn(model2d={"name": "segformer"})                   # from scratch: full fine-tuning, no peft needed
+    # before any data are read: a missing data folder is not what the user hears about first
+    cfg = sphere_mn("method.model2d={name: segformer}", "data.layout=la_h5", "data.root=/nowhere/LA")
+    with pytest.raises(UserError, match="^method.model2d.name: SegFormer needs transformers"):
+        setup(cfg, None, log=lambda m: None)
 
 
 def _normalised(name: str) -> str:

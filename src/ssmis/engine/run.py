@@ -103,6 +103,7 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
     precision = resolve_precision(t.amp, t.channels_last, device, len(cfg.data.patch_size))
     method_cls = METHODS.get(cfg.method["name"], "method.name")
     mcfg = method_cls.Config.model_validate(cfg.method)
+    method_cls.preflight(mcfg)
 
     adapter = make_adapter(cfg.data.layout, cfg.data.root, cfg.data)
     info = adapter.info()

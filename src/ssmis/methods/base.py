@@ -90,6 +90,11 @@ class Method:
         self.cfg, self.ctx = cfg, ctx
         self.build(ctx)
 
+    @classmethod
+    def preflight(cls, cfg: MethodConfig) -> None:
+        """Checks that need no data (an optional package, a registry name), run before the data are read so that
+        such a mistake fails at once; raise UserError. Default: none."""
+
     def slots(self) -> dict[str, frozenset[str]]:
         """The slots this configured instance offers (default: the class's `provides`)."""
         return dict(type(self).provides)

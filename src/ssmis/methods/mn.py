@@ -183,6 +183,15 @@ class MN(Method):
     spatial_dims = frozenset({3})
     per_module_lr = True
 
+    @classmethod
+    def preflight(cls, cfg) -> None:
+        """The 2D model's name and, for SegFormer, its packages (transformers, peft with LoRA)."""
+        MODELS.get(cfg.model2d.name, "method.model2d.name")
+        if cfg.model2d.name == "segformer":
+            from ssmis.models.segformer import require
+
+            require(cfg.model2d.args["lora"])
+
     def build(self, ctx):
         net3d = ctx.build_model()
         cls = MODELS.get(self.cfg.model2d.name, "method.model2d.name")
