@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ssmis.atomic import atomic_write_text
+from ssmis.bench.pretraining import ensure_pretrained, pretrain_run_for, same_training_cases
 from ssmis.errors import UserError
 
 CELL_RECORD = "bench_cell.json"          # written by the bench beside a finished cell: speed, memory, machine
@@ -195,8 +196,6 @@ def build_cells(suite: Suite, suite_path: Path, out: Path) -> list[Cell]:
     """Every grid combination as a validated config, in run order (seeds outermost, methods innermost)."""
     from ssmis.config import load_config
     from ssmis.config.load import merge_config
-
-    from ssmis.bench.pretraining import pretrain_run_for, same_training_cases
 
     keys = sorted(suite.grid, key=lambda k: (_rank(k), list(suite.grid).index(k)))
     common = nest(suite.set, f"{suite_path}: set")
@@ -419,8 +418,6 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, jobs: int =
               + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
         if todo:
             out_dir.mkdir(parents=True, exist_ok=True)
-            from ssmis.bench.pretraining import ensure_pretrained
-
             ensure_pretrained(pretrain_runs([c for c in todo if c.state in ("new", "started")]), threads, progress)
             failed = [r for r in _run_all(todo, jobs, progress, threads) if "error" in r]
     done = [c for c in cells if c.state == "finished"]
