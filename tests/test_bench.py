@@ -320,3 +320,25 @@ def test_grid_over_method_configs_and_method_sections(tmp_path):
     path.write_text(yaml.safe_dump({"base": "phantom", "grid": {"base": ["plain.yaml"]}}))
     with pytest.raises(UserError, match="either as `base` or as the grid key `base`"):
         load_suite(path)
+
+
+def test_a_grid_over_labelled_scans(tmp_path):
+    """split.labeled_scans in a grid: cells named by the number of scans, the report's labelled count is that number,
+    and each cell labels exactly the slices of its scans."""
+    from ssmis.config import load_config
+    from ssmis.data.adapter import make_adapter
+    from ssmis.data.splits import make_splits
+
+    cfg = load_config("phantom", SMALL)
+    base = make_splits(make_adapter(cfg.data.layout, cfg.data.root, cfg.data), cfg.split)
+    scans = (base.labeled + base.unlabeled)[:2]
+    path = suite_file(tmp_path, "scans", grid={"method.name": ["supervised"],
+                                               "split.labeled_scans": [scans[:1], scans], "seed": [0]})
+    n = torch.get_num_threads()
+    assert run_suite(path, out=tmp_path / "out", progress=False) == 0
+    torch.set_num_threads(n)
+    for k in (1, 2):
+        split = json.loads((tmp_path / "out" / f"supervised-{k}scans-s0" / "splits.json").read_text())
+        assert sorted(split["labeled"]) == sorted(scans[:k]) and split["meta"]["labeled_scans"] == scans[:k]
+    rows = read_csv(tmp_path / "out" / "results.csv")
+    assert {(r["cell"], r["labeled"]) for r in rows} == {("supervised-1scans-s0", "1"), ("supervised-2scans-s0", "2")}
