@@ -18,7 +18,7 @@ from conftest import TINY_UNET, assert_same, random_batches, small_config, strai
 from ssmis.config import load_config
 from ssmis.engine.run import train
 from ssmis.errors import UserError
-from ssmis.losses.contrastive import cosine, foreground, odcl_loss, odcl_terms
+from ssmis.losses.contrastive import cosine, foreground, odcl_loss, odcl_sum, odcl_terms
 from ssmis.losses.seg import dice_loss
 from ssmis.methods import c3s3
 from ssmis.methods.c3s3 import (C3S3, competition, competition_score, cosine_consistency, foreground_dice_loss,
@@ -251,17 +251,20 @@ def test_train_step_contrasts_the_four_view_pairs_with_each_networks_own_predict
     for k in (1, 2):
         ctx.modules[f"proj{k}"].register_forward_hook(lambda mod, i, o, k=k: proj_out[k].append(o))
     fgs, calls = [], []
-    real_fg, real_odcl = c3s3.foreground, c3s3.odcl_loss
+    real_fg = c3s3.foreground
     monkeypatch.setattr(c3s3, "foreground", lambda z: fgs.append(real_fg(z)) or fgs[-1])
-    monkeypatch.setattr(c3s3, "odcl_loss", lambda *a, **kw: calls.append(a) or real_odcl(*a, **kw))
+    monkeypatch.setattr(c3s3, "odcl_sum", lambda *a, **kw: calls.append(a) or odcl_sum(*a, **kw))
     lb, ub = random_batches(size=32)
     out = m.train_step(lb, ub, 0)
-    assert len(fgs) == 4 and len(calls) == 4            # foreground of A¹, A², B¹, B²; four pairs
+    assert len(fgs) == 4 and len(calls) == 1            # foreground of A¹, A², B¹, B²; one call for the four pairs
+    feats_a, feats_b, fgs_a, fgs_b, pairs, *_ = calls[0]
+    assert list(pairs) == [(0, 0), (1, 1), (0, 1), (1, 0)]
     fg = {(0, 0): fgs[0], (0, 1): fgs[1], (1, 0): fgs[2], (1, 1): fgs[3]}
-    for (va, vb), (fa, fb, fg_a, fg_b, *_) in zip([(0, 0), (1, 1), (0, 1), (1, 0)], calls):
-        assert fa is proj_out[1][va] and fb is proj_out[2][vb]
-        assert fg_a is fg[(0, va)] and fg_b is fg[(1, vb)]
-    assert float(out.logs["iuc"]) == pytest.approx(sum(real_odcl(*a).item() for a in calls), rel=1e-5)
+    for v in (0, 1):
+        assert feats_a[v] is proj_out[1][v] and feats_b[v] is proj_out[2][v]
+        assert fgs_a[v] is fg[(0, v)] and fgs_b[v] is fg[(1, v)]
+    per_pair = [odcl_loss(feats_a[va], feats_b[vb], fgs_a[va], fgs_b[vb]).item() for va, vb in pairs]
+    assert float(out.logs["iuc"]) == pytest.approx(sum(per_pair), rel=1e-5)
 
 
 # ---- 4: ensemble inference ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
@@ -27,11 +28,15 @@ ODCL_EPS = 1e-8     # the reference's `+ 1e-8` in both denominators
 
 
 def _selected_nce(pos: Tensor, neg: Tensor, eps: float) -> Tensor:
-    """−mean_i log(e^{pos_i} / (e^{pos_i} + Σ_j e^{neg_j} + eps)), evaluated as mean_i [log(e^{pos_i} + Σ_j e^{neg_j}
-    + eps) − pos_i] with log-sum-exp (the same value; no overflow when a small τ makes s/τ large)."""
+    """−mean_i log(e^{pos_i} / (e^{pos_i} + Σ_j e^{neg_j} + eps)), evaluated as mean_i [log(e^{pos_i} + e^c) − pos_i]
+    with c = log(Σ_j e^{neg_j} + eps) by log-sum-exp, and log(e^p + e^c) = c + softplus(p − c) (the same value; no
+    overflow when a small τ makes s/τ large; softplus's backward is one sigmoid, where a logaddexp against a
+    broadcast scalar was several times slower on the CPU)."""
     log_eps = torch.tensor(math.log(eps) if eps > 0 else -math.inf, dtype=pos.dtype, device=pos.device)
-    log_den = torch.logaddexp(torch.logaddexp(pos, torch.logsumexp(neg, 0)), log_eps)
-    return (log_den - pos).mean()
+    c = torch.logaddexp(torch.logsumexp(neg, 0), log_eps)
+    if c.isneginf():                       # no negative term and eps = 0: the denominator is e^{pos_i} alone
+        return (pos - pos).mean()
+    return (c + F.softplus(pos - c) - pos).mean()
 
 
 def odcl_terms(sim: Tensor, inter: Tensor, union: Tensor, tau: float = 0.1,
@@ -63,19 +68,36 @@ def cosine(a: Tensor, b: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
     return (a * b).sum(dim) * torch.rsqrt(norms2.clamp_min(eps * eps))
 
 
+def odcl_sum(feats_a: list[Tensor], feats_b: list[Tensor], fgs_a: list[Tensor], fgs_b: list[Tensor],
+             pairs: list[tuple[int, int]], tau: float = 0.1, checkpoint: bool = True) -> Tensor:
+    """Σ over (i, j) in `pairs` of L_iuc(feats_a[i], feats_b[j]) = L1 + L2: network A's projector maps of the views
+    (B×c×spatial each) against network B's, with each network's foreground prediction on that view
+    (`foreground(logits)`, B×spatial); per pair I = fg_a ∧ fg_b, U = fg_a ∨ fg_b. Float32; the masks take no
+    gradient, the gradient reaches every projector map. Each map is converted to float32 and its per-voxel squared
+    norm computed once, not once per pair it is in (C3S3 pairs each of A's two views with each of B's): the cosines
+    are the same numbers as `cosine`. With `checkpoint` the per-voxel intermediates are recomputed in the backward
+    pass instead of being stored."""
+    masks = [(fgs_a[i] & fgs_b[j], fgs_a[i] | fgs_b[j]) for i, j in pairs]
+    n = len(feats_a)
+
+    def value(*maps: Tensor) -> Tensor:
+        with torch.autocast(maps[0].device.type, enabled=False):
+            fa, fb = [m.float() for m in maps[:n]], [m.float() for m in maps[n:]]
+            na, nb = [(f * f).sum(1) for f in fa], [(f * f).sum(1) for f in fb]
+            total = maps[0].new_zeros((), dtype=torch.float32)
+            for (i, j), (inter, union) in zip(pairs, masks):
+                sim = (fa[i] * fb[j]).sum(1) * torch.rsqrt((na[i] * nb[j]).clamp_min(1e-16))
+                l1, l2 = odcl_terms(sim, inter, union, tau)
+                total = total + (l1 + l2)
+            return total
+
+    maps = [*feats_a, *feats_b]
+    if checkpoint and torch.is_grad_enabled() and any(m.requires_grad for m in maps):
+        return _checkpoint(value, *maps, use_reentrant=False)
+    return value(*maps)
+
+
 def odcl_loss(feat_a: Tensor, feat_b: Tensor, fg_a: Tensor, fg_b: Tensor, tau: float = 0.1,
               checkpoint: bool = True) -> Tensor:
-    """L_iuc = L1 + L2 of one (network A view, network B view) pair: the projector maps B×c×spatial and each network's
-    foreground prediction on that view (`foreground(logits)`, B×spatial); I = fg_a ∧ fg_b, U = fg_a ∨ fg_b. Float32.
-    The masks take no gradient; the gradient reaches both projector maps. With `checkpoint` the per-voxel cosines
-    and exponentials are recomputed in the backward pass instead of being stored."""
-    inter, union = fg_a & fg_b, fg_a | fg_b
-
-    def value(fa: Tensor, fb: Tensor) -> Tensor:
-        with torch.autocast(fa.device.type, enabled=False):
-            l1, l2 = odcl_terms(cosine(fa, fb), inter, union, tau)
-            return l1 + l2
-
-    if checkpoint and torch.is_grad_enabled() and (feat_a.requires_grad or feat_b.requires_grad):
-        return _checkpoint(value, feat_a, feat_b, use_reentrant=False)
-    return value(feat_a, feat_b)
+    """L_iuc = L1 + L2 of one (network A view, network B view) pair (`odcl_sum` of one pair)."""
+    return odcl_sum([feat_a], [feat_b], [fg_a], [fg_b], [(0, 0)], tau, checkpoint)

@@ -61,7 +61,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ssmis.errors import UserError
-from ssmis.losses.contrastive import cosine, foreground, odcl_loss
+from ssmis.losses.contrastive import cosine, foreground, odcl_sum
 from ssmis.methods.base import Batch, StepOutput, teacher_noise
 from ssmis.methods.pair import PairConfig, TwoNetworks, ensemble_probs
 from ssmis.models.projector import Projector
@@ -190,8 +190,10 @@ class C3S3Config(PairConfig):
     init: Literal["kaiming", "default"] = Field("kaiming", description="kaiming = the reference's init of both "
                                                 "networks and projectors (Kaiming-normal convs, BN 1/0); default = "
                                                 "the models' own.")
-    checkpoint: bool = Field(True, description="Recompute the ODCL intermediates in the backward pass "
-                             "(torch.utils.checkpoint, as the reference) instead of storing them.")
+    checkpoint: bool | Literal["auto"] = Field("auto", description="Recompute the ODCL intermediates in the backward "
+                                               "pass (torch.utils.checkpoint, as the reference) instead of storing "
+                                               "them: the same values, less memory, more time. auto = on a GPU only "
+                                               "(on the CPU it cost 20 % of a C3S3-2D step; RAM is rarely the limit).")
 
 
 @METHODS.register("c3s3")
@@ -250,8 +252,8 @@ class C3S3(TwoNetworks):
         winner, cp = competition((scores[0], scores[1]), probs_u, self.cfg.temperature)
         cos = [cosine_consistency(logits[k][0], logits[k][1], self.cfg.cosine_axis) for k in (0, 1)]
         fg = [[foreground(z) for z in logits[k]] for k in (0, 1)]
-        iuc = sum(odcl_loss(feats[0][va], feats[1][vb], fg[0][va], fg[1][vb], self.cfg.tau, self.cfg.checkpoint)
-                  for va, vb in PAIRS)
+        ckpt = self.cfg.checkpoint if self.cfg.checkpoint != "auto" else self.ctx.device.type != "cpu"
+        iuc = odcl_sum(feats[0], feats[1], fg[0], fg[1], PAIRS, self.cfg.tau, ckpt)
         return C3S3Terms(sup, scores, winner, self.weight(step), cp, cos, iuc)
 
     def train_step(self, lb: Batch, ub: Batch | None, step: int) -> StepOutput:
