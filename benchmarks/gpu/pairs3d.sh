@@ -6,14 +6,8 @@
 # on the one GPU, so the four are comparable with each other: the data are the 8-bit pack with the training slices
 # pre-zoomed to 128x128 (say "8-bit, pre-zoomed" beside the numbers; the CPU cells in benchmarks/results/acdc3d read
 # the original files). Writes each cell folder without checkpoints, and the logs, to $OUT/res.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/res"
-log() { echo "== $(date +%T) $*" | tee -a "$OUT/res/session.log"; }
-python3 -m pip install -q --no-index --no-deps --target .site device_kit/wheels/*.whl
-export PYTHONPATH=$PWD/.site:$PWD/src
-python3 device_kit/unpack_h5.py device_kit/acdc.lzma /tmp/ACDC > /dev/null
+source benchmarks/gpu/setup.sh
 [ -e ../shared/data/ACDC ] || { mkdir -p ../shared/data && ln -s /tmp/ACDC ../shared/data/ACDC; }   # the configs' data.root
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/res/gpu.txt"
 log "ACDC-3D cells, four side by side"
 for job in "acdc3d supervised-l136-s0" "acdc3d mean_teacher-l136-s0" "acdc3d_pairs c3s3-l136-s0" "acdc3d_pairs medl-l136-s0"; do
   set -- $job

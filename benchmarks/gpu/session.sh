@@ -4,13 +4,7 @@
 # Writes results under $OUT (one tarball plus the log). Each part is time-boxed so the whole stays under ~9 min;
 # the ACDC data are the 8-bit pack with training slices pre-zoomed to 128x128 (say so beside the numbers; at 256 the
 # loader zooms them up, which changes nothing for the speed figures of part 1).
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/res"
-log() { echo "== $(date +%T) $*" | tee -a "$OUT/res/session.log"; }
-python3 -m pip install -q --no-index --no-deps --target .site device_kit/wheels/*.whl
-export PYTHONPATH=$PWD/.site:$PWD/src
-python3 device_kit/unpack_h5.py device_kit/acdc.lzma /tmp/ACDC > /dev/null
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/res/gpu.txt"
+source benchmarks/gpu/setup.sh
 python3 -c "import torch, ssmis; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/res/gpu.txt"
 
 log "1. throughput: bare step vs full iteration (MT, BCP, labels-only), 256x256, 12 + 12, bf16"
