@@ -153,3 +153,21 @@ def test_keys_added_to_the_schema_since_a_run_do_not_block_resume():
     assert config_differences(old, new, defaults) == ["train.intensity: (absent) -> 0.2"]
     new["train"]["intensity"], new["train"]["iterations"] = 0.0, 20
     assert config_differences(old, new, defaults) == ["train.iterations: 10 -> 20"]
+
+
+def test_a_plugin_option_added_since_a_run_does_not_block_resume():
+    """Plug-in sections are compared key by key, against that plug-in's own defaults (MetaSSL's ramp_start came
+    after its ACDC-lite cells: their folders must still resume and be skipped)."""
+    from ssmis.config import load_config
+    from ssmis.engine.rundir import config_differences
+    from ssmis.engine.run import default_config
+
+    cfg = load_config(None, ["method.name=mean_teacher", "plugins=[{name: metassl}]"])
+    new = cfg.model_dump(mode="json")
+    old = cfg.model_dump(mode="json")
+    del old["plugins"][0]["ramp_start"]
+    assert config_differences(old, new, default_config(cfg)) == []
+    new["plugins"][0]["ramp_start"] = 0.5
+    assert config_differences(old, new, default_config(cfg)) == ["plugins.0.ramp_start: (absent) -> 0.5"]
+    new["plugins"][0]["ramp_start"], new["plugins"][0]["rho"] = 0.0, 0.9
+    assert config_differences(old, new, default_config(cfg)) == ["plugins.0.rho: 0.6 -> 0.9"]

@@ -27,7 +27,7 @@ from ssmis.eval.inference import label_at_patch
 from ssmis.methods import BuildContext
 from ssmis.models import build_model
 from ssmis.plugins import build_plugins
-from ssmis.registry import METHODS, MODELS
+from ssmis.registry import METHODS, MODELS, PLUGINS
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -40,6 +40,7 @@ def default_config(cfg: RunConfig) -> dict:
     """Every key's default (the method section's for this config's method)."""
     d = RunConfig().model_dump(mode="json")
     d["method"] = METHODS.get(cfg.method["name"]).Config(name=cfg.method["name"]).model_dump(mode="json")
+    d["plugins"] = [PLUGINS.get(p["name"]).Config(name=p["name"]).model_dump(mode="json") for p in cfg.plugins]
     return d
 
 
