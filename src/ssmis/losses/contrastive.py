@@ -57,15 +57,17 @@ def foreground(logits: Tensor) -> Tensor:
     return z[:, 1:].amax(1) > z[:, 0]
 
 
-def cosine(a: Tensor, b: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+def cosine(a: Tensor, b: Tensor, dim: int = 1, eps: float = 1e-8, sq_a: Tensor | None = None,
+           sq_b: Tensor | None = None) -> Tensor:
     """Cosine of a and b along `dim` (default the channel axis: per voxel of two B×C×spatial maps), float32:
     Σ a·b / max(‖a‖·‖b‖, eps), the value of F.cosine_similarity. ODCL's reference L2-normalises the projector vectors
     first and then takes the cosine, which is the same number. Written out as plain products because reductions
     over the channel axis of B×C×spatial maps are several times slower through F.normalize / F.cosine_similarity on
-    the CPU."""
+    the CPU. `sq_a` / `sq_b`: the squared norms Σ a² / Σ b² along `dim`, when the caller has them already."""
     a, b = a.float(), b.float()
-    norms2 = (a * a).sum(dim) * (b * b).sum(dim)
-    return (a * b).sum(dim) * torch.rsqrt(norms2.clamp_min(eps * eps))
+    sq_a = (a * a).sum(dim) if sq_a is None else sq_a
+    sq_b = (b * b).sum(dim) if sq_b is None else sq_b
+    return (a * b).sum(dim) * torch.rsqrt((sq_a * sq_b).clamp_min(eps * eps))
 
 
 def odcl_sum(feats_a: list[Tensor], feats_b: list[Tensor], fgs_a: list[Tensor], fgs_b: list[Tensor],
@@ -74,8 +76,8 @@ def odcl_sum(feats_a: list[Tensor], feats_b: list[Tensor], fgs_a: list[Tensor], 
     (B×c×spatial each) against network B's, with each network's foreground prediction on that view
     (`foreground(logits)`, B×spatial); per pair I = fg_a ∧ fg_b, U = fg_a ∨ fg_b. Float32; the masks take no
     gradient, the gradient reaches every projector map. Each map is converted to float32 and its per-voxel squared
-    norm computed once, not once per pair it is in (C3S3 pairs each of A's two views with each of B's): the cosines
-    are the same numbers as `cosine`. With `checkpoint` the per-voxel intermediates are recomputed in the backward
+    norm computed once, not once per pair it is in (C3S3 pairs each of A's two views with each of B's), and handed
+    to `cosine`. With `checkpoint` the per-voxel intermediates are recomputed in the backward
     pass instead of being stored."""
     masks = [(fgs_a[i] & fgs_b[j], fgs_a[i] | fgs_b[j]) for i, j in pairs]
     n = len(feats_a)
@@ -86,7 +88,7 @@ def odcl_sum(feats_a: list[Tensor], feats_b: list[Tensor], fgs_a: list[Tensor], 
             na, nb = [(f * f).sum(1) for f in fa], [(f * f).sum(1) for f in fb]
             total = maps[0].new_zeros((), dtype=torch.float32)
             for (i, j), (inter, union) in zip(pairs, masks):
-                sim = (fa[i] * fb[j]).sum(1) * torch.rsqrt((na[i] * nb[j]).clamp_min(1e-16))
+                sim = cosine(fa[i], fb[j], sq_a=na[i], sq_b=nb[j])
                 l1, l2 = odcl_terms(sim, inter, union, tau)
                 total = total + (l1 + l2)
             return total
