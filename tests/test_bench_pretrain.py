@@ -117,3 +117,34 @@ def test_pretrain_suite_mistakes(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(UserError, match="data.patch_size"):
         run_suite(path, dry_run=True)
+
+
+def test_a_pretraining_another_process_is_making_is_waited_for_not_made_twice(tmp_path, monkeypatch, capsys):
+    """Two `ssmis bench` processes of one suite (two --only selections) need pretrain-s0: the second waits for the
+    first's lock and then finds the run ready instead of writing the same folder at once."""
+    fcntl = pytest.importorskip("fcntl")          # POSIX; Windows runs without the lock
+    import threading
+    import time
+
+    import ssmis.spcl.pretrain as pretrain_module
+    from ssmis.bench.pretraining import SUMMARY, PretrainRun, ensure_pretrained
+
+    calls = []
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **k: calls.append(k) or {"step": 1, "total": 1})
+    run = PretrainRun("pretrain-s0", None, tmp_path / "pretrain-s0")
+    assert run.state == "new"
+    with open(tmp_path / ".pretrain-s0.lock", "w") as held:      # the "other process" (another open file description)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=ensure_pretrained, args=([run], None, False))
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive() and calls == []                # blocked on the lock, nothing written
+        (run.dir / "checkpoints").mkdir(parents=True)           # the other process finishes the run
+        (run.dir / "checkpoints" / "last.pt").write_bytes(b"x")
+        (run.dir / SUMMARY).write_text("{}")
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(10)
+    assert not worker.is_alive() and calls == []
+    assert "another process is making this pre-training" in capsys.readouterr().err
+    ensure_pretrained([PretrainRun("pretrain-s1", None, tmp_path / "pretrain-s1")], None, False)   # free: made
+    assert len(calls) == 1

@@ -11,8 +11,10 @@ log says so) when an unfinished cell needs it; with `train.deterministic` on the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,26 +69,56 @@ def same_training_cases(a: Any, b: Any) -> bool:
     return a.model_dump(exclude=ignore) == b.model_dump(exclude=ignore)
 
 
+@contextlib.contextmanager
+def making(run: PretrainRun) -> Iterator[None]:
+    """Hold `.<name>.lock` beside the run folder while this process checks and makes the run, so that two
+    `ssmis bench` processes of one suite (e.g. two `--only` selections in two terminals) never write one pre-training
+    at once: the second waits, then finds the run ready. No lock where the OS has no flock (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    run.dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.dir.parent / f".{run.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {run.dir}: another process is making this pre-training", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_pretrained(runs: list[PretrainRun], threads: int | None, progress: bool) -> None:
     """Run (or resume, or re-make) every pre-training in `runs` that has no checkpoint to load, one after the other."""
+    for r in runs:
+        if r.state == "ready":
+            continue
+        with making(r):
+            make(r, threads, progress)
+
+
+def make(r: PretrainRun, threads: int | None, progress: bool) -> None:
     from ssmis.engine import threads as thread_share
     from ssmis.spcl.pretrain import pretrain
 
-    for r in runs:
-        state = r.state
-        if state == "ready":
-            continue
-        if threads:
-            thread_share.assign(threads, f"ssmis bench --threads {threads}")
-        why = {"new": "new", "started": "started without a checkpoint: restarting", "interrupted": "resuming",
-               "finished, checkpoint missing": "finished, but its checkpoint is not here (not committed): "
-                                               "running it again for the cells that need its encoder"}[state]
-        print(f"\n== pre-training {r.name} ({why}) ==", file=sys.stderr)
-        result = pretrain(r.cfg, out=r.dir, resume=state == "interrupted",
-                          overwrite=state in ("started", "finished, checkpoint missing"), progress=progress)
-        if result["step"] < result["total"]:
-            raise UserError(str(r.dir), f"pre-training stopped at step {result['step']} of {result['total']}",
-                            "See its log.txt; the cells that need it were not trained.")
+    state = r.state           # again: another process may have made it while this one waited
+    if state == "ready":
+        return
+    if threads:
+        thread_share.assign(threads, f"ssmis bench --threads {threads}")
+    why = {"new": "new", "started": "started without a checkpoint: restarting", "interrupted": "resuming",
+           "finished, checkpoint missing": "finished, but its checkpoint is not here (not committed): "
+                                           "running it again for the cells that need its encoder"}[state]
+    print(f"\n== pre-training {r.name} ({why}) ==", file=sys.stderr)
+    result = pretrain(r.cfg, out=r.dir, resume=state == "interrupted",
+                      overwrite=state in ("started", "finished, checkpoint missing"), progress=progress)
+    if result["step"] < result["total"]:
+        raise UserError(str(r.dir), f"pre-training stopped at step {result['step']} of {result['total']}",
+                        "See its log.txt; the cells that need it were not trained.")
 
 
 def pretraining_section(runs: list[PretrainRun]) -> list[str]:
