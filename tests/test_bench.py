@@ -342,3 +342,18 @@ def test_a_grid_over_labelled_scans(tmp_path):
         assert sorted(split["labeled"]) == sorted(scans[:k]) and split["meta"]["labeled_scans"] == scans[:k]
     rows = read_csv(tmp_path / "out" / "results.csv")
     assert {(r["cell"], r["labeled"]) for r in rows} == {("supervised-1scans-s0", "1"), ("supervised-2scans-s0", "2")}
+
+
+def test_a_cell_another_process_is_training_is_left_to_it(tmp_path):
+    """Two `ssmis bench` processes with overlapping --only selections: the second leaves the cell whose lock the
+    first holds (nothing written in its folder), and trains it once the lock is free."""
+    fcntl = pytest.importorskip("fcntl")
+    from ssmis.bench.grid import run_cell
+
+    cell = tmp_path / "supervised-l2-s0"
+    with open(tmp_path / ".supervised-l2-s0.lock", "w") as held:    # the other process
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run_cell({}, str(cell), progress=False) == {"cell": cell.name, "action": "busy elsewhere"}
+        assert not cell.exists()
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert "error" in run_cell({"bad": 1}, str(cell), progress=False)      # lock free: this process goes ahead

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ssmis.atomic import atomic_write_text
+from ssmis.bench.locks import run_lock
 from ssmis.bench.pretraining import ensure_pretrained, pretrain_run_for, same_training_cases
 from ssmis.errors import UserError
 
@@ -296,15 +297,24 @@ def run_cell(cfg_data: dict, run_dir: str, progress: bool = True, threads: tuple
     (count, why), this worker's share of the cores (ssmis.engine.threads), unless the cell sets train.threads.
 
     Exceptions are returned as text: cells in worker processes must not send exceptions back (UserError does not
-    survive pickling), and one failing cell must not stop the others.
+    survive pickling), and one failing cell must not stop the others. A cell another process is training (its
+    lock is held: another `ssmis bench` of the same suite) is left to it.
     """
+    d = Path(run_dir)
+    with run_lock(d, wait=False) as mine:
+        if not mine:
+            print(f"cell {d.name}: another process is training it: skipped here", file=sys.stderr)
+            return {"cell": d.name, "action": "busy elsewhere"}
+        return _run_cell(cfg_data, d, progress, threads)
+
+
+def _run_cell(cfg_data: dict, d: Path, progress: bool, threads: tuple[int, str] | None) -> dict:
     from ssmis.config import load_config
     from ssmis.engine import threads as thread_share
     from ssmis.engine.checkpoint import load_checkpoint
     from ssmis.engine.run import train
     from ssmis.eval.run_eval import evaluate_checkpoints
 
-    d = Path(run_dir)
     try:
         cfg = load_config(None, data=cfg_data)
         if threads:

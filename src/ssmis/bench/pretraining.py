@@ -11,14 +11,13 @@ log says so) when an unfinished cell needs it; with `train.deterministic` on the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ssmis.bench.locks import run_lock
 from ssmis.errors import UserError
 
 SUMMARY = "pretrain_summary.json"
@@ -69,35 +68,12 @@ def same_training_cases(a: Any, b: Any) -> bool:
     return a.model_dump(exclude=ignore) == b.model_dump(exclude=ignore)
 
 
-@contextlib.contextmanager
-def making(run: PretrainRun) -> Iterator[None]:
-    """Hold `.<name>.lock` beside the run folder while this process checks and makes the run, so that two
-    `ssmis bench` processes of one suite (e.g. two `--only` selections in two terminals) never write one pre-training
-    at once: the second waits, then finds the run ready. No lock where the OS has no flock (Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    run.dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run.dir.parent / f".{run.name}.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for {run.dir}: another process is making this pre-training", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_pretrained(runs: list[PretrainRun], threads: int | None, progress: bool) -> None:
     """Run (or resume, or re-make) every pre-training in `runs` that has no checkpoint to load, one after the other."""
     for r in runs:
         if r.state == "ready":
             continue
-        with making(r):
+        with run_lock(r.dir, wait=True, what="pre-training"):      # another bench process may be making it
             make(r, threads, progress)
 
 
