@@ -236,25 +236,27 @@ def test_readme_acdc_lite_table_matches_the_committed_results():
              "MetaSSL on MT": "metassl_mt", "MetaSSL on CPS": "metassl_cps", "MetaSSL on FixMatch": "metassl_fixmatch",
              "MetaSSL on BCP": "metassl_bcp", "CAD (reconstruction)": "cad", "M3HL": "m3hl",
              "MEDL (network 1)": "medl", "C3S3-2D (network 1)": "c3s3", "TransMedSeg": "transmedseg"}
-    # suite folder per (labelled, pre-fix row): BCP/ABD rows marked "(pre-fix)" were made before self-training
-    # started from the best pre-training state (issue 16); at 5 % they were moved to acdc_lite_5pct_prefix
-    suites = {("5 %", False): ["acdc_lite_5pct", "acdc_lite_5pct_seed_methods", "acdc_lite_5pct_pairs",
-                                  "acdc_lite_5pct_transmedseg"], ("5 %", True): ["acdc_lite_5pct_prefix"],
-              ("10 %", False): ["acdc_lite_10pct"], ("10 %", True): ["acdc_lite_10pct"]}
+    # suite folders per (labelled, row variant): rows marked "(pre-fix)" were made before a fix of their method
+    # (issues 16 and 18) and their cells moved to the *_prefix folders; "+ SPCL init" rows start from SPCL encoders
+    suites = {("5 %", ""): ["acdc_lite_5pct", "acdc_lite_5pct_seed_methods", "acdc_lite_5pct_pairs",
+                            "acdc_lite_5pct_transmedseg"], ("5 %", " (pre-fix)"): ["acdc_lite_5pct_prefix"],
+              ("10 %", ""): ["acdc_lite_10pct"], ("10 %", " (pre-fix)"): ["acdc_lite_10pct_prefix"],
+              ("5 %", " + SPCL init"): ["acdc_lite_spcl"], ("10 %", " + SPCL init"): ["acdc_lite_spcl"]}
     results = {}
-    for (pct, prefix), folders in suites.items():
+    for (pct, variant), folders in suites.items():
+        labelled = {"5 %": "68", "10 %": "136"}[pct]
         for folder in folders:
             path = root / "benchmarks" / "results" / folder / "results.csv"
             for r in read_csv(path) if path.is_file() else []:
-                if r["class"] == "mean":
-                    results.setdefault((r["method"], pct, prefix, r["checkpoint"]), []).append(r)
+                if r["class"] == "mean" and r["labeled"] == labelled:
+                    results.setdefault((r["method"], pct, variant, r["checkpoint"]), []).append(r)
     rows = readme_table_rows(root / "README.md", "**ACDC-lite**")
     assert len(rows) >= 16
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        prefix = cells[0].endswith(" (pre-fix)")
-        method, pct, seeds = names[cells[0].removesuffix(" (pre-fix)")], cells[1], {s.strip() for s in cells[2].split(",")}
-        best, last = ([r for r in results[(method, pct, prefix, ck)] if r["seed"] in seeds] for ck in ("best", "last"))
+        variant = next((v for v in (" (pre-fix)", " + SPCL init") if cells[0].endswith(v)), "")
+        method, pct, seeds = names[cells[0].removesuffix(variant)], cells[1], {s.strip() for s in cells[2].split(",")}
+        best, last = ([r for r in results[(method, pct, variant, ck)] if r["seed"] in seeds] for ck in ("best", "last"))
         assert len(best) == len(last) == len(seeds), row
         for text, rs, key in ((cells[3], best, "dice"), (cells[4], best, "jaccard"), (cells[5], best, "hd95_vox"),
                               (cells[6], best, "asd_vox"), (cells[7], last, "dice")):
