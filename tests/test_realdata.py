@@ -122,7 +122,8 @@ def test_acdc_labelled_scans_split_spcl_protocol(acdc):
     assert len(sp.labeled) == 8 + 10 and len(sp.unlabeled) == 1312 - 18 and (len(sp.val), len(sp.test)) == (20, 40)
     assert {c.rsplit("_slice_", 1)[0] for c in sp.labeled} == set(scans)
     assert sum(c.startswith("patient100_frame02_") for c in sp.unlabeled) == 8
-    assert sp.meta["labeled_scans"] == scans
+    assert sp.meta["labeled_scans"] == scans and sp.meta["labeled_patients"] == 2      # not the protocol default's 7
+    assert "labeled_slices" not in sp.meta and sp.meta["unlabeled_cases"] == 1312 - 18
     with pytest.raises(Exception, match="val/test scans"):
         make_splits(acdc, SplitConfig(labeled_scans=[sp.val[0]]))
     with pytest.raises(Exception, match="not scans of the training split"):

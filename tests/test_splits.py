@@ -88,5 +88,9 @@ def test_labeled_scans_label_exactly_those_scans():
     s = make_splits(adapter, SplitConfig(labeled=2, val=1, test=2, labeled_scans=pick))
     assert s.labeled == [train[0], train[3]]                       # the split's order, not the list's
     assert s.unlabeled == [c for c in train if c not in pick] and (s.val, s.test) == (base.val, base.test)
+    patients = {it.id: it.patient for it in adapter.items("train")}
+    assert s.meta["labeled_cases"] == 2 and s.meta["unlabeled_cases"] == len(train) - 2
+    assert s.meta["labeled_patients"] == len({patients[c] for c in pick})     # not the base split's count
+    assert "unlabeled_patients" not in s.meta
     with pytest.raises(UserError, match="val/test scans"):
         make_splits(adapter, SplitConfig(labeled=2, val=1, test=2, labeled_scans=[base.test[0]]))

@@ -80,16 +80,16 @@ def make_splits(adapter: Adapter, cfg) -> Splits:
     if cfg.file:
         splits = Splits.read(cfg.file)
         splits.check(patient_of, cfg.file)
-        return label_scans(splits, cfg.labeled_scans)
+        return label_scans(splits, cfg.labeled_scans, patient_of)
     if cfg.protocol:
         splits = adapter.protocol_splits(cfg.labeled, cfg.seed)
         if splits is not None:
             splits.check(patient_of, f"{adapter.name} protocol split")
-            return label_scans(splits, cfg.labeled_scans)
+            return label_scans(splits, cfg.labeled_scans, patient_of)
     splits = random_splits(train_items, eval_items, cfg.labeled, cfg.val, cfg.test, cfg.seed,
                            fixed=getattr(adapter, "fixed_eval_splits", lambda: None)())
     splits.check(patient_of)
-    return label_scans(splits, cfg.labeled_scans)
+    return label_scans(splits, cfg.labeled_scans, patient_of)
 
 
 def scan_of(case_id: str) -> str:
@@ -98,9 +98,10 @@ def scan_of(case_id: str) -> str:
     return m["volume"] if m else case_id
 
 
-def label_scans(splits: Splits, scans: list[str] | None) -> Splits:
+def label_scans(splits: Splits, scans: list[str] | None, patient_of: dict[str, str] | None = None) -> Splits:
     """split.labeled_scans: the training cases of these scans become the labelled set (in the split's order), every
-    other training case unlabelled; val and test stay."""
+    other training case unlabelled; val and test stay. The meta's counts describe the new sets (the base split's
+    labelled/unlabelled counts are dropped); `patient_of` (case id -> patient) gives the labelled patients."""
     if not scans:
         return splits
     train = splits.labeled + splits.unlabeled
@@ -113,10 +114,14 @@ def label_scans(splits: Splits, scans: list[str] | None) -> Splits:
                         f"Name training scans (e.g. {sorted(have)[0]}); val and test scans are never labelled.")
     wanted = set(scans)
     lab = [c for c in train if scan_of(c) in wanted]
-    meta = {**splits.meta, "rule": f"labelled scans given by split.labeled_scans ({len(scans)}); every other "
-            "training case unlabelled; val/test as before", "labeled_scans": list(scans),
-            "labeled_cases": len(lab)}
-    return Splits(lab, [c for c in train if scan_of(c) not in wanted], splits.val, splits.test, meta)
+    unl = [c for c in train if scan_of(c) not in wanted]
+    meta = {k: v for k, v in splits.meta.items() if not k.startswith(("labeled_", "unlabeled_", "restacked_"))}
+    meta.update({"rule": f"labelled scans given by split.labeled_scans ({len(scans)}); every other training case "
+                 "unlabelled; val/test as before", "labeled_scans": list(scans), "labeled_cases": len(lab),
+                 "unlabeled_cases": len(unl)})
+    if patient_of:
+        meta["labeled_patients"] = len({patient_of.get(c, c) for c in lab})
+    return Splits(lab, unl, splits.val, splits.test, meta)
 
 
 def random_splits(train_items: list[Item], eval_items: list[Item], labeled: float, val: float, test: float,
