@@ -270,7 +270,7 @@ def _protocol(results: Sequence[RunResult], names: dict[str, str], unit: str, fa
             continue
         seen.add(key)
         pats = s.meta.get("labeled_patients")
-        split_lines.append(f"labelled {len(s.labeled)} cases" + (f" ({pats} patients)" if pats is not None else "")
+        split_lines.append(f"labelled {len(s.labeled)} cases" + (f" ({pats} patient{'' if pats == 1 else 's'})" if pats is not None else "")
                            + f", unlabelled {len(s.unlabeled)}, val {len(s.val)}, test {len(s.test)}")
     rule = _varies([str(r.splits.meta.get("rule", "from split settings")) for r in results])
     n_val = {len(r.splits.val) for r in results}
