@@ -98,7 +98,7 @@ def scan_of(case_id: str) -> str:
     return m["volume"] if m else case_id
 
 
-def label_scans(splits: Splits, scans: list[str] | None, patient_of: dict[str, str] | None = None) -> Splits:
+def label_scans(splits: Splits, scans: list[str] | None, patient_of: dict[str, str]) -> Splits:
     """split.labeled_scans: the training cases of these scans become the labelled set (in the split's order), every
     other training case unlabelled; val and test stay. The meta's counts describe the new sets (the base split's
     labelled/unlabelled counts are dropped); `patient_of` (case id -> patient) gives the labelled patients."""
@@ -118,9 +118,7 @@ def label_scans(splits: Splits, scans: list[str] | None, patient_of: dict[str, s
     meta = {k: v for k, v in splits.meta.items() if not k.startswith(("labeled_", "unlabeled_", "restacked_"))}
     meta.update({"rule": f"labelled scans given by split.labeled_scans ({len(scans)}); every other training case "
                  "unlabelled; val/test as before", "labeled_scans": list(scans), "labeled_cases": len(lab),
-                 "unlabeled_cases": len(unl)})
-    if patient_of:
-        meta["labeled_patients"] = len({patient_of.get(c, c) for c in lab})
+                 "unlabeled_cases": len(unl), "labeled_patients": len({patient_of[c] for c in lab})})
     return Splits(lab, unl, splits.val, splits.test, meta)
 
 
