@@ -24,7 +24,7 @@ from ssmis.data.adapter import make_adapter
 from ssmis.data.mixing import patch_confidence
 from ssmis.data.resize import resize2d
 from ssmis.eval.run_eval import load_run
-from ssmis.methods.cad import CAD, best_window, dte, llcr_boxes, pixels
+from ssmis.methods.cad import CAD, dte, llcr_regions, pixels
 from ssmis.predict import load_trained_model
 
 
@@ -68,10 +68,9 @@ def main() -> None:
         settings += [(t, s, "fixed") for s in a.sides for t in (0.0, 0.5, 1.0)]
         for t, s_max, kind in settings:
             tau = dte(t, d.tau_start, d.tau_end)
-            boxes = llcr_boxes(c1, tau, (s_max, s_max), (pixels(d.size_min, h), pixels(d.size_min, w)))
-            pairs = [grid[i] if b is None else (b, best_window(c2[i], (b[0].stop - b[0].start, b[1].stop - b[1].start),
-                                                                   pixels(d.pool_stride, min(h, w))))
-                     for i, b in enumerate(boxes)]
+            regions = llcr_regions(c1, c2, tau, (s_max, s_max), (pixels(d.size_min, h), pixels(d.size_min, w)),
+                                   pixels(d.pool_stride, min(h, w)))
+            pairs = [grid[i] if r is None else r for i, r in enumerate(regions)]
             rules.append((f"LLCR t/T {t:g}: tau {tau:.2f}, s_max {s_max} px ({kind})", pairs))
         for name, pairs in rules:
             area = np.mean([(r.stop - r.start) * (c.stop - c.start) / (h * w) for (r, c), _ in pairs])

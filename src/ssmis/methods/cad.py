@@ -112,23 +112,37 @@ def grid_displacement(x1: Tensor, x2: Tensor, conf1: Tensor, conf2: Tensor, grid
     return swap_patches(x1, x2, s1.argmin(1), s2.argmax(1), s2.argmin(1), s1.argmax(1), grid)
 
 
+def llcr_regions(conf: Tensor, source_conf: Tensor, tau: float, s_max: tuple[int, int], s_min: tuple[int, int],
+                 stride: int) -> list[tuple[Box, Box] | None]:
+    """Per sample: (the region LLCR replaces in the view of `conf`, the window of the source view, of
+    `source_conf`, that fills it) — `llcr_boxes(conf)` and `best_window(source_conf)` of the same size; None where
+    no pixel is below tau. conf, source_conf: B×H×W (one connected-component labelling for the whole batch)."""
+    out: list[tuple[Box, Box] | None] = []
+    for i, box in enumerate(llcr_boxes(conf, tau, s_max, s_min)):
+        if box is None:
+            out.append(None)
+            continue
+        rows, cols = box
+        out.append((box, best_window(source_conf[i], (rows.stop - rows.start, cols.stop - cols.start), stride)))
+    return out
+
+
 def llcr(x1: Tensor, x2: Tensor, conf1: Tensor, conf2: Tensor, tau: float, s_max: tuple[int, int],
          s_min: tuple[int, int], stride: int, grid: int) -> tuple[Tensor, Tensor]:
     """Bidirectional LLCR: per sample, view 1's region of `llcr_boxes(conf1)` <- view 2's most confident window of
-    the same size (`best_window(conf2)`), and view 2's region <- view 1's window; sources are read from the
-    inputs. A view without a pixel below tau gets the grid displacement instead (`grid_displacement`).
+    the same size (`best_window(conf2)`), and view 2's region <- view 1's window (`llcr_regions`); sources are read
+    from the inputs. A view without a pixel below tau gets the grid displacement instead (`grid_displacement`).
     x: B×C×H×W images, conf: B×H×W confidence maps. Returns the displaced (x1', x2')."""
     g1, g2 = grid_displacement(x1, x2, conf1, conf2, grid)
-    boxes = llcr_boxes(torch.cat([conf1, conf2]), tau, s_max, s_min)           # both views in one labelling
+    regions = llcr_regions(torch.cat([conf1, conf2]), torch.cat([conf2, conf1]), tau, s_max, s_min, stride)
     n, out = x1.shape[0], []
-    for x, src, g, other, view_boxes in ((x1, x2, g1, conf2, boxes[:n]), (x2, x1, g2, conf1, boxes[n:])):
+    for x, src, g, view_regions in ((x1, x2, g1, regions[:n]), (x2, x1, g2, regions[n:])):
         y = x.clone()                                                  # keeps the memory format
-        for i, box in enumerate(view_boxes):
-            if box is None:
+        for i, region in enumerate(view_regions):
+            if region is None:
                 y[i] = g[i]
                 continue
-            rows, cols = box
-            sr, sc = best_window(other[i], (rows.stop - rows.start, cols.stop - cols.start), stride)
+            (rows, cols), (sr, sc) = region
             y[i, :, rows, cols] = src[i, :, sr, sc]
         out.append(y)
     return out[0], out[1]
@@ -249,4 +263,5 @@ class CAD(ABD):
         return ce_dice_loss(self.student(xi).logits, yi) + ce_dice_loss(self.student2(xi).logits, yi)
 
 
-__all__ = ["CAD", "best_window", "dte", "grid_displacement", "largest_components", "llcr", "llcr_boxes"]
+__all__ = ["CAD", "best_window", "dte", "grid_displacement", "largest_components", "llcr", "llcr_boxes",
+           "llcr_regions"]
