@@ -355,6 +355,27 @@ def test_train_step_logs_finite_terms_and_trains_every_module():
         m.train_step(lb, None, 0)
 
 
+def test_ablation_weights_scale_or_remove_the_consistency_and_odcl_terms():
+    """cos_weight / odcl_weight multiply L_cos and ΣL_iuc in both networks' losses (1 = the method); odcl_weight 0
+    skips ODCL, so the projectors then get no gradient while the networks still train."""
+    lb, ub = random_batches(size=32)
+    ref, _ = make_c3s3(consistency=1.0)
+    torch.manual_seed(5)
+    full = ref.terms(lb, ub, 299)
+    m, ctx = make_c3s3(consistency=1.0, cos_weight=0.5, odcl_weight=0.25)
+    torch.manual_seed(5)
+    part = m.terms(lb, ub, 299)
+    for k in (0, 1):
+        own = full.sup[k] + full.w * full.cp[k]
+        assert part.loss(k).item() == pytest.approx((own + 0.5 * full.cos[k] + 0.25 * full.iuc).item(), rel=1e-5)
+    m, ctx = make_c3s3(odcl_weight=0)
+    out = m.train_step(lb, ub, 299)
+    assert float(out.logs["iuc"]) == 0.0
+    out.loss.backward()
+    assert all(p.grad is None for k in (1, 2) for p in ctx.modules[f"proj{k}"].parameters())
+    assert all(p.grad is not None for k in (1, 2) for p in ctx.modules[f"net{k}"].parameters())
+
+
 def test_views_differ_by_clipped_noise_or_are_identical_in_compat_mode():
     lb, ub = random_batches(nl=4, nu=4, size=32)
     m, _ = make_c3s3()

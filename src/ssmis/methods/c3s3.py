@@ -164,10 +164,13 @@ class C3S3Terms:
     cp: list[Tensor]
     cos: list[Tensor]
     iuc: Tensor
+    cos_weight: float = 1.0
+    odcl_weight: float = 1.0
 
     def loss(self, k: int) -> Tensor:
-        """L_A (k = 0) or L_B (k = 1) = L_sup + L_cos + λ·L_cp (loser only) + ΣL_iuc."""
-        return self.sup[k] + self.cos[k] + self.w * self.cp[k] + self.iuc
+        """L_A (k = 0) or L_B (k = 1) = L_sup + cos_weight·L_cos + λ·L_cp (loser only) + odcl_weight·ΣL_iuc (both
+        weights 1 in the method; 0 removes a term, as the published ablation rows)."""
+        return self.sup[k] + self.cos_weight * self.cos[k] + self.w * self.cp[k] + self.odcl_weight * self.iuc
 
 
 class C3S3Config(PairConfig):
@@ -186,6 +189,10 @@ class C3S3Config(PairConfig):
                                                    "code's dim=-1 (compat).")
     identical_views: bool = Field(False, description="Compat: X² = X¹ (the released loader), the views differing only "
                                   "through dropout; default: X² = X¹ + clip(N(0, 0.1²), ±0.2).")
+    cos_weight: float = Field(1.0, ge=0, description="Weight of L_cos in each network's loss: 1 in the method; 0 "
+                              "removes the consistency term (the published ablation's rows without it).")
+    odcl_weight: float = Field(1.0, ge=0, description="Weight of the shared ΣL_iuc (ODCL) in each network's loss: 1 in "
+                               "the method; 0 removes contrastive selection (the ablation's rows without ODCL).")
     projector_dim: int = Field(64, ge=1, description="Output channels of the projector heads.")
     init: Literal["kaiming", "default"] = Field("kaiming", description="kaiming = the reference's init of both "
                                                 "networks and projectors (Kaiming-normal convs, BN 1/0); default = "
@@ -253,8 +260,10 @@ class C3S3(TwoNetworks):
         cos = [cosine_consistency(logits[k][0], logits[k][1], self.cfg.cosine_axis) for k in (0, 1)]
         fg = [[foreground(z) for z in logits[k]] for k in (0, 1)]
         ckpt = self.cfg.checkpoint if self.cfg.checkpoint != "auto" else self.ctx.device.type != "cpu"
-        iuc = odcl_sum(feats[0], feats[1], fg[0], fg[1], PAIRS, self.cfg.tau, ckpt)
-        return C3S3Terms(sup, scores, winner, self.weight(step), cp, cos, iuc)
+        iuc = (odcl_sum(feats[0], feats[1], fg[0], fg[1], PAIRS, self.cfg.tau, ckpt) if self.cfg.odcl_weight
+               else torch.zeros((), device=lb.image.device))       # weight 0: not computed (logged as 0)
+        return C3S3Terms(sup, scores, winner, self.weight(step), cp, cos, iuc, self.cfg.cos_weight,
+                         self.cfg.odcl_weight)
 
     def train_step(self, lb: Batch, ub: Batch | None, step: int) -> StepOutput:
         if ub is None:
