@@ -1,0 +1,145 @@
+"""Validation Dice of a run's networks in eval mode (BatchNorm running statistics, as validation and test use) beside
+the same weights normalised with each volume's own batch statistics, and with running statistics re-estimated on
+clean training batches with dropout off (issue 20's investigation of C3S3-2D collapsing at ACDC-lite 5 %,
+docs/pairs.md). A large gap means the network works in training mode but not in inference mode.
+
+Usage:
+  python benchmarks/eval_mode_gap.py RUN_DIR [--checkpoint last] [--cases 10] [--split val|labelled]
+  python benchmarks/eval_mode_gap.py --probe NAME --steps 600 [--set key=value ...]   # short C3S3 5 % run first
+
+--probe trains `configs/methods/c3s3.yaml` at 68 labelled slices, seed 0, one thread, for --steps of its 2000-step
+schedule (poly lr and ramps as in the full run) into runs/eval_mode_gap/NAME, with the --set overrides, then
+measures that run. --split labelled scores the labelled training volumes (rebuilt from their slices) instead of
+the first --cases validation volumes. Slice-wise at the run's patch, float32, every module of the run that is a
+network (net1, net2, student, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from ssmis.config.load import load_config
+from ssmis.engine.checkpoint import load_checkpoint
+from ssmis.engine.run import setup, train
+from ssmis.eval.inference import dice_per_class, predict_slicewise
+from ssmis.eval.run_eval import load_run
+
+DROPOUTS = (nn.Dropout, nn.Dropout2d, nn.Dropout3d)
+
+
+class BatchStatistics(nn.Module):
+    """Inference with every BatchNorm normalising by the current batch (one volume) and dropout off; the running
+    statistics are left untouched (momentum 0 while wrapped)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def train(self, mode: bool = True):
+        super().train(False)
+        for m in self.net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(True)
+                m.momentum = 0.0
+        return self
+
+    def forward(self, x, **kw):
+        return self.net(x, **kw)
+
+
+def volumes(cfg, splits: dict, split: str, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image D×H×W, label) of the first `count` validation volumes, or of the labelled training volumes rebuilt
+    from their slices (ssl4mis_h5 layout)."""
+    root = Path(cfg.data.root) / "data"
+    if split == "val":
+        out = []
+        for case in splits["val"][:count]:
+            with h5py.File(root / f"{case}.h5") as f:
+                out.append((f["image"][:], f["label"][:]))
+        return out
+    by_volume: dict[str, list[str]] = {}
+    for s in splits["labeled"]:
+        by_volume.setdefault(s.rsplit("_slice_", 1)[0], []).append(s)
+    out = []
+    for names in by_volume.values():
+        names.sort(key=lambda s: int(s.rsplit("_", 1)[1]))
+        files = [h5py.File(root / f"{s}.h5") for s in names]
+        out.append((np.stack([f["image"][:] for f in files]), np.stack([f["label"][:] for f in files])))
+        for f in files:
+            f.close()
+    return out
+
+
+def mean_dice(model: nn.Module, vols, patch, classes: int) -> float:
+    return float(np.mean([np.nanmean(dice_per_class(predict_slicewise(model, img[None].astype(np.float32), patch,
+                                                                      batch_size=64), lab, classes))
+                          for img, lab in vols]))
+
+
+@torch.no_grad()
+def recalibrated(net: nn.Module, batches) -> nn.Module:
+    """The network with running statistics re-estimated (cumulative average) on clean training batches, dropout off."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    for m in net.modules():
+        if isinstance(m, DROPOUTS):
+            m.eval()
+    for lb, ub in batches:
+        net(torch.cat([lb.image, ub.image]) if ub is not None else lb.image)
+    return net
+
+
+def measure(run: Path, checkpoint: str, split: str, count: int) -> dict:
+    cfg, _ = load_run(run)
+    trainer = setup(cfg, run, resuming=True, log=lambda *_: None)
+    state = load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
+    vols = volumes(cfg, json.loads((run / "splits.json").read_text()), split, count)
+    batches = [trainer._batches() for _ in range(40)]
+    patch, classes = tuple(cfg.data.patch_size), trainer.ctx.num_classes
+    result = {"step": int(state.get("step", 0))}
+    for name, net in trainer.ctx.modules.items():
+        if not hasattr(net, "init_args"):            # projectors and other heads: not networks
+            continue
+        net.load_state_dict(state["modules"][name])
+        result[f"{name} eval"] = mean_dice(net, vols, patch, classes)
+        result[f"{name} volume batch stats"] = mean_dice(BatchStatistics(net), vols, patch, classes)
+        result[f"{name} eval, stats re-estimated without dropout"] = mean_dice(recalibrated(net, batches), vols,
+                                                                              patch, classes)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, nargs="?")
+    ap.add_argument("--checkpoint", default="last")
+    ap.add_argument("--split", choices=("val", "labelled"), default="val")
+    ap.add_argument("--cases", type=int, default=10)
+    ap.add_argument("--probe")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--set", action="append", default=[])
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    run = a.run
+    if a.probe:
+        run = Path("runs/eval_mode_gap") / a.probe
+        cfg = load_config("configs/methods/c3s3.yaml", ["split.labeled=68", "seed=0", "train.threads=1", *a.set])
+        train(cfg, run, resume=(run / "config.yaml").exists(), progress=False, stop_after=a.steps, test_at_end=False)
+    if run is None:
+        ap.error("give RUN_DIR or --probe NAME")
+    res = measure(run, a.checkpoint, a.split, a.cases)
+    print(f"{run} ({a.checkpoint}, step {res.pop('step')}, {a.split}): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+
+
+if __name__ == "__main__":
+    main()
