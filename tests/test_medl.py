@@ -370,6 +370,9 @@ def test_method_config_spells_out_the_defaults():
     with pytest.raises(UserError, match="lambda1 \\+ lambda2 must be 1"):
         load_config("phantom", ["method.name=medl", "method.lambda1=0.3", "method.lambda2=0.5"])
     load_config("phantom", ["method.name=medl", "method.lambda1=0.3", "method.lambda2=0.7"])
+    ramped = load_config(ROOT / "configs" / "methods" / "medl_ramped.yaml")     # the control: only L_u's ramp differs
+    assert ramped.method == {**cfg.method, "u_rampup": 0.4}
+    assert ramped.model_dump(exclude={"method"}) == cfg.model_dump(exclude={"method"})
 
 
 def test_listed_as_reporting_network_1():
