@@ -479,6 +479,10 @@ def test_method_configs_spell_out_the_defaults():
     la = load_config(ROOT / "configs" / "methods" / "c3s3_la.yaml")
     assert (la.train.iterations, la.train.labeled_bs, la.train.unlabeled_bs, la.sched.name, la.split.labeled,
             la.train.augment) == (2500, 1, 1, "constant", 16, "none")
+    control = load_config(ROOT / "configs" / "methods" / "c3s3_bottleneck_dropout.yaml")   # only the dropout differs
+    shipped = load_config(ROOT / "configs" / "methods" / "c3s3.yaml")
+    assert control.model.dropout == [0.0, 0.0, 0.0, 0.0, 0.5] != shipped.model.dropout
+    assert control.model_dump(exclude={"model"}) == shipped.model_dump(exclude={"model"})
 
 
 def test_exact_resume(tmp_path):
