@@ -9,7 +9,7 @@ Usage:
 
 --probe trains `configs/methods/c3s3.yaml` at 68 labelled slices, seed 0, one thread, for --steps of its 2000-step
 schedule (poly lr and ramps as in the full run) into runs/eval_mode_gap/NAME, with the --set overrides, then
-measures that run. --split labelled scores the labelled training volumes (rebuilt from their slices) instead of
+measures that run. --split labelled scores the labelled training volumes (restacked from their slices) instead of
 the first --cases validation volumes. Slice-wise at the run's patch, float32, every module of the run that is a
 network (net1, net2, student, ...).
 """
@@ -17,15 +17,14 @@ network (net1, net2, student, ...).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
 
 from ssmis.config.load import load_config
+from ssmis.data.adapter import make_adapter
 from ssmis.engine.checkpoint import load_checkpoint
 from ssmis.engine.run import setup, train
 from ssmis.eval.inference import dice_per_class, predict_slicewise
@@ -54,31 +53,19 @@ class BatchStatistics(nn.Module):
         return self.net(x, **kw)
 
 
-def volumes(cfg, splits: dict, split: str, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(image D×H×W, label) of the first `count` validation volumes, or of the labelled training volumes rebuilt
-    from their slices (ssl4mis_h5 layout)."""
-    root = Path(cfg.data.root) / "data"
+def volumes(trainer, cfg, labelled_ids: list[str], split: str, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image C×D×H×W, label) of the first `count` validation volumes (as the run's setup loaded them), or of the
+    labelled training volumes, restacked from their slices by the data adapter (`data.restack_volumes`)."""
     if split == "val":
-        out = []
-        for case in splits["val"][:count]:
-            with h5py.File(root / f"{case}.h5") as f:
-                out.append((f["image"][:], f["label"][:]))
-        return out
-    by_volume: dict[str, list[str]] = {}
-    for s in splits["labeled"]:
-        by_volume.setdefault(s.rsplit("_slice_", 1)[0], []).append(s)
-    out = []
-    for names in by_volume.values():
-        names.sort(key=lambda s: int(s.rsplit("_", 1)[1]))
-        files = [h5py.File(root / f"{s}.h5") for s in names]
-        out.append((np.stack([f["image"][:] for f in files]), np.stack([f["label"][:] for f in files])))
-        for f in files:
-            f.close()
-    return out
+        return [(vc.image, vc.label) for vc in trainer.val_cases[:count]]
+    adapter = make_adapter(cfg.data.layout, cfg.data.root, cfg.data.model_copy(update={"restack_volumes": True}))
+    wanted = set(labelled_ids)
+    vols = [it for it in adapter.items("train") if any(Path(p).stem in wanted for p in it.meta.get("slices", []))]
+    return [(s["image"], s["label"]) for s in map(adapter.load, vols)]
 
 
 def mean_dice(model: nn.Module, vols, patch, classes: int) -> float:
-    return float(np.mean([np.nanmean(dice_per_class(predict_slicewise(model, img[None].astype(np.float32), patch,
+    return float(np.mean([np.nanmean(dice_per_class(predict_slicewise(model, img.astype(np.float32), patch,
                                                                       batch_size=64), lab, classes))
                           for img, lab in vols]))
 
@@ -100,10 +87,10 @@ def recalibrated(net: nn.Module, batches) -> nn.Module:
 
 
 def measure(run: Path, checkpoint: str, split: str, count: int) -> dict:
-    cfg, _ = load_run(run)
+    cfg, splits = load_run(run)
     trainer = setup(cfg, run, resuming=True, log=lambda *_: None)
     state = load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
-    vols = volumes(cfg, json.loads((run / "splits.json").read_text()), split, count)
+    vols = volumes(trainer, cfg, splits.labeled, split, count)
     batches = [trainer._batches() for _ in range(40)]
     patch, classes = tuple(cfg.data.patch_size), trainer.ctx.num_classes
     result = {"step": int(state.get("step", 0))}
