@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ssmis.engine.checkpoint import load_checkpoint
-from ssmis.engine.run import setup
-from ssmis.eval.run_eval import load_run
+from ssmis.eval.run_eval import load_run, restore_run
 
 
 def main() -> None:
@@ -30,10 +28,8 @@ def main() -> None:
     cfg, _ = load_run(a.run)
     if cfg.method["name"] != "c3s3":
         raise SystemExit(f"{a.run} is a {cfg.method['name']} run, not c3s3")
-    trainer = setup(cfg, a.run, resuming=True, log=lambda *_: None)
-    state = load_checkpoint(a.run / "checkpoints" / f"{a.checkpoint}.pt")
-    for name, module in trainer.ctx.modules.items():
-        module.load_state_dict(state["modules"][name])
+    _, _, trainer, state = restore_run(a.run, a.checkpoint)
+    for module in trainer.ctx.modules.values():
         module.train()
     step, method = int(state.get("step", 0)), trainer.method
     print(f"{a.run.name}, checkpoint {a.checkpoint} (step {step})")

@@ -25,10 +25,9 @@ from torch import nn
 
 from ssmis.config.load import load_config
 from ssmis.data.adapter import make_adapter
-from ssmis.engine.checkpoint import load_checkpoint
-from ssmis.engine.run import setup, train
+from ssmis.engine.run import train
 from ssmis.eval.inference import dice_per_class, predict_slicewise
-from ssmis.eval.run_eval import load_run
+from ssmis.eval.run_eval import restore_run
 
 DROPOUTS = (nn.Dropout, nn.Dropout2d, nn.Dropout3d)
 
@@ -87,9 +86,7 @@ def recalibrated(net: nn.Module, batches) -> nn.Module:
 
 
 def measure(run: Path, checkpoint: str, split: str, count: int) -> dict:
-    cfg, splits = load_run(run)
-    trainer = setup(cfg, run, resuming=True, log=lambda *_: None)
-    state = load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
+    cfg, splits, trainer, state = restore_run(run, checkpoint)
     vols = volumes(trainer, cfg, splits.labeled, split, count)
     batches = [trainer._batches() for _ in range(40)]
     patch, classes = tuple(cfg.data.patch_size), trainer.ctx.num_classes
@@ -97,7 +94,6 @@ def measure(run: Path, checkpoint: str, split: str, count: int) -> dict:
     for name, net in trainer.ctx.modules.items():
         if not hasattr(net, "init_args"):            # projectors and other heads: not networks
             continue
-        net.load_state_dict(state["modules"][name])
         result[f"{name} eval"] = mean_dice(net, vols, patch, classes)
         result[f"{name} volume batch stats"] = mean_dice(BatchStatistics(net), vols, patch, classes)
         result[f"{name} eval, stats re-estimated without dropout"] = mean_dice(recalibrated(net, batches), vols,

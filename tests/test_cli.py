@@ -269,3 +269,33 @@ def test_every_builtin_method_has_a_config_spelling_out_its_defaults():
             assert cfg.train.iterations == 2000                                         # ACDC-lite
         else:                                                                           # 3D only (M&N): ACDC-3D
             assert cfg.data.restack_volumes and len(cfg.data.patch_size) == 3
+
+
+def test_restore_run_loads_every_module_of_a_checkpoint(cli_run, tmp_path):
+    """The analysis scripts' entry point: the trainer's modules hold the checkpoint's weights, not a fresh init."""
+    import shutil
+
+    import torch
+
+    from ssmis.engine.checkpoint import load_checkpoint
+    from ssmis.engine.run import setup
+    from ssmis.errors import UserError
+    from ssmis.eval.run_eval import load_run, restore_run
+
+    out, rc, _ = cli_run
+    assert rc == 0
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    cfg, splits, trainer, state = restore_run(run, "last")
+    assert state["step"] == 6 and splits.test == load_run(run)[1].test
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["modules"]
+    fresh = setup(cfg, run, resuming=True, log=lambda *_: None).ctx.modules
+    assert set(trainer.ctx.modules) == set(saved) and len(saved) >= 2      # Mean Teacher: student and teacher
+    moved = 0
+    for name, module in trainer.ctx.modules.items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, saved[name][key]), f"{name}.{key}"
+            moved += not torch.equal(value, fresh[name].state_dict()[key])
+    assert moved > 0
+    with pytest.raises(UserError, match="checkpoint not found"):
+        restore_run(run, "step99")

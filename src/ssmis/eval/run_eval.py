@@ -29,6 +29,22 @@ def load_run(run_dir: Path):
     return load_config(None, data=raw), Splits.read(run_dir / "splits.json")
 
 
+def restore_run(run_dir: Path, checkpoint: str = "last"):
+    """(config, splits, trainer, checkpoint state) of a finished or stopped run, every module of the trainer holding
+    the checkpoint's weights; for analyses of a run's networks (benchmarks/eval_mode_gap.py,
+    c3s3_term_gradients.py). The trainer's optimiser, step, RNG and batch streams are as set up, not restored:
+    `trainer.load_state_dict(state)` does that where a script needs the run's own stream positions."""
+    from ssmis.engine.checkpoint import load_checkpoint
+    from ssmis.engine.run import setup
+
+    cfg, splits = load_run(run_dir)
+    state = load_checkpoint(Path(run_dir) / "checkpoints" / f"{checkpoint}.pt")
+    trainer = setup(cfg, Path(run_dir), resuming=True, log=lambda *_: None)
+    for name, module in trainer.ctx.modules.items():
+        module.load_state_dict(state["modules"][name])
+    return cfg, splits, trainer, state
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", quiet: bool = False,
                  largest_component: bool | None = None, cases: list[str] | None = None,
                  max_cases: int | None = None) -> dict:
