@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY_UNET, assert_same, random_batches, small_config, straight_and_resumed, tiny_method
+from conftest import (TINY_UNET, assert_same, ensemble_test_dice, random_batches, small_config, straight_and_resumed,
+                      tiny_method)
 from ssmis.config import load_config
 from ssmis.engine.run import train
 from ssmis.errors import UserError
@@ -509,7 +510,8 @@ def test_exact_resume(tmp_path):
 # 1 val, 2 test; width-8 UNet-2D as network 1; 300 steps; batch 4 + 4; SGD 0.01 poly; fp32, 1 thread), network 2 =
 # resnet34_unet with widths [8, 16, 32, 64, 128] and one block per stage. Network 1's test Dice (last checkpoint,
 # torch 2.13 CPU), seeds 0 / 1 / 2: 0.790 / 0.663 / 0.750, mean 0.734; labels-only 0.711 / 0.757 / 0.540, mean 0.669
-# (test_learning.py), so the 3-seed mean clears D_sup + 0.02 (seed 1 alone does not). For comparison (not asserted,
+# (test_learning.py), so the 3-seed mean clears D_sup + 0.02 (seed 1 alone does not). Re-measured 2026-12-05: network 1
+# 0.792 / 0.676 / 0.754 (mean 0.741), the two networks' averaged softmax 0.791 / 0.670 / 0.747 (mean 0.736). For comparison (not asserted,
 # measured before the ODCL cosine was rewritten as plain products): a width-4 network 2 gave 0.695 / 0.611 / 0.724
 # and a UNet-2D/UNet-2D pair 0.400 / 0.657 / 0.572. 30 s per run on the shared 2 cores (55-85 s when they are busy):
 # 4 forward/backward passes of two networks per step, ≈ 2× CPS. The test runs seed 0 against labels-only's seed 0.
@@ -531,13 +533,16 @@ def test_learns_on_the_disc_phantom(tmp_path):
 
 
 # 3D: the sphere phantom of test_3d.py (VNet n_filters 4 as network 1, patch 16³, 4 + 4, 300 steps), network 2 =
-# resnet34_vnet with widths [4, 8, 16, 32, 64] and one block per stage. Network 1's test Dice, seeds 0 / 1 / 2:
-# 0.896 / 0.848 / 0.835, mean 0.860; labels-only 0.829 / 0.843 / 0.848, mean 0.840 (test_3d.py): the 3-seed gain is
-# 0.0197, at the D_sup + 0.02 line (seeds 1 and 2 alone are at labels-only). 67-73 s per run on the shared 2 cores:
-# every step is four forward/backward passes of two 3D networks plus four ODCL terms over 8 × 16³ voxels with 64-d
-# projections. The test runs seed 0 against labels-only's seed 0.
+# resnet34_vnet with widths [4, 8, 16, 32, 64] and one block per stage. Test Dice (last checkpoint), seeds 0 / 1 / 2,
+# re-measured 2026-12-05 (torch 2.13 CPU, fp32, one thread): network 1 0.893 / 0.820 / 0.834, mean 0.849; the two
+# networks' averaged softmax (the spec's item 4) 0.872 / 0.800 / 0.801, mean 0.824; labels-only 0.829 / 0.843 /
+# 0.848, mean 0.840 (test_3d.py). Seed 0 clears D_sup + 0.02 both ways (margins 0.044 / 0.023); the three-seed means
+# do not (network 1 +0.009, the average −0.016: the small network 2 is the weaker one). Sessions 5-6 measured network
+# 1 at 0.896 / 0.848 / 0.835 with the code of then (the ODCL rewrite since gives the same values up to rounding,
+# which 300 steps amplify). 67-80 s per run on the shared 2 cores. The test runs seed 0 against labels-only's seed 0.
 D_SUP_3D_SEED0 = 0.829
-C3S3_3D_SEED0 = 0.896
+C3S3_3D_SEED0 = 0.893
+C3S3_3D_BOTH_SEED0 = 0.872
 
 
 @pytest.mark.slow
@@ -548,6 +553,8 @@ def test_learns_on_the_sphere_phantom(tmp_path):
     dice = train(cfg, out=tmp_path / "c3s3", progress=False)["test_last"]["mean"]["dice"]
     assert dice >= 0.5, f"c3s3 3D: net 1 test Dice {dice:.3f} (measured {C3S3_3D_SEED0})"
     assert dice >= D_SUP_3D_SEED0 + 0.02, f"c3s3 3D: net 1 test Dice {dice:.3f} < labels-only {D_SUP_3D_SEED0} + 0.02"
+    both = ensemble_test_dice(tmp_path / "c3s3")      # the spec's item 4: the two networks' averaged softmax
+    assert both >= D_SUP_3D_SEED0 + 0.02, f"c3s3 3D: ensemble test Dice {both:.3f} (measured {C3S3_3D_BOTH_SEED0})"
 
 
 def test_the_winner_is_chosen_on_scores_summed_over_processes(monkeypatch):
