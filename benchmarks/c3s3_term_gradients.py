@@ -4,8 +4,9 @@ investigation of C3S3-2D collapsing at ACDC-lite 5 %, docs/pairs.md).
 Usage: python benchmarks/c3s3_term_gradients.py RUN_DIR [--checkpoint last] [--batches 2]
 Rebuilds the run from its config and splits (no training, nothing written), loads the checkpoint's modules, draws
 training batches as the run did, and prints per batch the winner, both supervised losses, ΣL_iuc and
-‖∇ term‖ over network 1's and network 2's parameters for L_sup, cos_weight·L_cos, λ·L_cp and 2·odcl_weight·ΣL_iuc
-(the terms as they enter the loss; the shared ODCL term reaches each network twice, as in the method).
+‖∇ term‖ over network 1's and network 2's parameters for L_sup, cos_weight·L_cos, λ·L_cp and
+2·odcl_weight·ΣL_iuc (the terms as they enter the loss; the shared ODCL term reaches each network twice, as in the
+method).
 """
 
 from __future__ import annotations

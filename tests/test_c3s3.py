@@ -510,9 +510,9 @@ def test_exact_resume(tmp_path):
 # 1 val, 2 test; width-8 UNet-2D as network 1; 300 steps; batch 4 + 4; SGD 0.01 poly; fp32, 1 thread), network 2 =
 # resnet34_unet with widths [8, 16, 32, 64, 128] and one block per stage. Network 1's test Dice (last checkpoint,
 # torch 2.13 CPU), seeds 0 / 1 / 2: 0.790 / 0.663 / 0.750, mean 0.734; labels-only 0.711 / 0.757 / 0.540, mean 0.669
-# (test_learning.py), so the 3-seed mean clears D_sup + 0.02 (seed 1 alone does not). Re-measured 2026-12-05: network 1
-# 0.792 / 0.676 / 0.754 (mean 0.741), the two networks' averaged softmax 0.791 / 0.670 / 0.747 (mean 0.736). For comparison (not asserted,
-# measured before the ODCL cosine was rewritten as plain products): a width-4 network 2 gave 0.695 / 0.611 / 0.724
+# (test_learning.py), so the 3-seed mean clears D_sup + 0.02 (seed 1 alone does not). Re-measured 2026-12-05:
+# network 1 0.792 / 0.676 / 0.754 (mean 0.741), the two networks' averaged softmax 0.791 / 0.670 / 0.747 (mean
+# 0.736). For comparison (not asserted, measured before the ODCL cosine was rewritten as plain products): a width-4 network 2 gave 0.695 / 0.611 / 0.724
 # and a UNet-2D/UNet-2D pair 0.400 / 0.657 / 0.572. 30 s per run on the shared 2 cores (55-85 s when they are busy):
 # 4 forward/backward passes of two networks per step, ≈ 2× CPS. The test runs seed 0 against labels-only's seed 0.
 D_SUP_2D_SEED0 = 0.711

@@ -154,9 +154,13 @@ class Trainer:
             **self.model_info,
         }
 
-    def load_state_dict(self, s: dict) -> None:
+    def load_modules(self, modules: dict) -> None:
+        """Every module's weights (and buffers) from a checkpoint's `modules` entry."""
         for n, m in self.ctx.modules.items():
-            m.load_state_dict(s["modules"][n])
+            m.load_state_dict(modules[n])
+
+    def load_state_dict(self, s: dict) -> None:
+        self.load_modules(s["modules"])
         self.opt.load_state_dict(s["optimizer"])
         if s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
@@ -246,8 +250,7 @@ class Trainer:
         if best is None or best["stage"] != previous:
             self.log_fn(f"stage {previous!r} was not validated: the next stage starts from its last weights")
             return
-        for n, m in self.ctx.modules.items():
-            m.load_state_dict(best["modules"][n])
+        self.load_modules(best["modules"])
         self.opt.load_state_dict(best["optimizer"])
         self.log_fn(f"the next stage starts from the best {previous!r} state (step {best['step']}, val Dice "
                     f"{best['dice']:.4f}); the best checkpoint is chosen among the new stage's validations")

@@ -40,8 +40,7 @@ def restore_run(run_dir: Path, checkpoint: str = "last"):
     cfg, splits = load_run(run_dir)
     state = load_checkpoint(Path(run_dir) / "checkpoints" / f"{checkpoint}.pt")
     trainer = setup(cfg, Path(run_dir), resuming=True, log=lambda *_: None)
-    for name, module in trainer.ctx.modules.items():
-        module.load_state_dict(state["modules"][name])
+    trainer.load_modules(state["modules"])
     return cfg, splits, trainer, state
 
 
