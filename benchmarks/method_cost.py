@@ -3,7 +3,7 @@ by default the ACDC-lite setting (128x128, 4 labelled + 4 unlabelled), the engin
 validation; --config picks another setting (e.g. configs/acdc3d.yaml for 3D patches).
 
 Usage: python benchmarks/method_cost.py [--config configs/acdc_lite.yaml] [--data ../shared/data/ACDC]
-           [--iters 30] [--warmup 5] [--methods ...] [--record]
+           [--iters 30] [--warmup 5] [--methods ...] [--cpu-allocator heap|system] [--record]
 A --methods entry is a registered method name or a method config file (configs/methods/metassl_mt.yaml: a method
 with its plug-ins), labelled by the file name; config files bring their own setting, which must match --config's
 patch and batch sizes.
@@ -35,13 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def seconds_per_iteration(method: str, data: str, iters: int, warmup: int, config: str = "configs/acdc_lite.yaml",
-                          n_threads: int | None = None) -> tuple[float, str, int, float | None]:
+                          n_threads: int | None = None,
+                          allocator: str = "heap") -> tuple[float, str, int, float | None]:
     """(s/it, precision, images per step, peak memory in MiB of this method's setup and steps). Meant to run in a
     fresh process per method (see `measure`), so that the peak is this method's alone."""
     if n_threads:
         threads.assign(n_threads, f"--threads {n_threads}")
     total = 1000
-    run = [f"data.root={data}", f"train.iterations={total}", "train.eval_every=0", "train.ckpt_every=100000"]
+    run = [f"data.root={data}", f"train.iterations={total}", "train.eval_every=0", "train.ckpt_every=100000",
+           f"train.cpu_allocator={allocator}"]
     if method.endswith((".yaml", ".yml")):
         cfg = load_config(ROOT / method, run)
         base = load_config(ROOT / config)
@@ -67,12 +69,13 @@ def seconds_per_iteration(method: str, data: str, iters: int, warmup: int, confi
     return seconds, precision, images, peak
 
 
-def measure(method: str, data: str, iters: int, warmup: int, config: str, n_threads: int):
+def measure(method: str, data: str, iters: int, warmup: int, config: str, n_threads: int, allocator: str = "heap"):
     """seconds_per_iteration in a fresh process: memory freed by one method would otherwise stay in the process's
     resident set and count towards the next one's peak."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=sys.path.insert, initargs=(0, str(Path(__file__).parent))) as pool:
-        return pool.submit(seconds_per_iteration, method, data, iters, warmup, config, n_threads).result()
+        return pool.submit(seconds_per_iteration, method, data, iters, warmup, config, n_threads,
+                           allocator).result()
 
 
 def _mib(x: float | None) -> str:
@@ -87,6 +90,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--cpu-allocator", default="heap", choices=["heap", "system"],
+                    help="train.cpu_allocator of every run (heap: the default; system: glibc's)")
     ap.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
     a = ap.parse_args()
     threads.assign(a.threads, f"--threads {a.threads}")   # runs set up below keep this share
@@ -97,7 +102,7 @@ def main() -> None:
     for m in methods:
         label = Path(m).stem if m.endswith((".yaml", ".yml")) else m
         times[label], precision, images[label], peaks[label] = measure(m, a.data, a.iters, a.warmup, a.config,
-                                                                       a.threads)
+                                                                       a.threads, a.cpu_allocator)
         print(f"{label:16s} {times[label]:.3f} s/it, peak {peaks[label]} MiB", flush=True)
     ref = times["mean_teacher"]
     rows = [f"| {m} | {t:.3f} | {images[m] / t:.2f} | {t / ref:.2f} | {_mib(peaks[m])} |" for m, t in times.items()]
@@ -105,9 +110,11 @@ def main() -> None:
     setting = (f"{a.config}: patch {'x'.join(map(str, cfg.data.patch_size))}, {cfg.model.name}, "
                f"{cfg.train.labeled_bs} + {cfg.train.unlabeled_bs}")
     command = (f"python benchmarks/method_cost.py --config {a.config} --iters {a.iters} --warmup {a.warmup} "
-               f"--threads {a.threads}" + (f" --methods {' '.join(a.methods)}" if a.methods else ""))
+               f"--threads {a.threads} --cpu-allocator {a.cpu_allocator}"
+               + (f" --methods {' '.join(a.methods)}" if a.methods else ""))
     text = section(f"Cost per iteration relative to Mean Teacher ({setting})", command,
-                   f"{a.threads} threads; torch {torch.__version__}; precision {precision}",
+                   (f"{a.threads} threads; torch {torch.__version__}; precision {precision}; "
+                    f"train.cpu_allocator={a.cpu_allocator}"),
                    ["The engine's whole iteration (sampling, augmentation, forward/backward, teacher updates), no "
                     "validation; multi-stage methods timed in their last stage. Each method runs in a fresh process, one "
                     "after the other; peak memory: that process's peak resident set (GPU: peak allocated tensors) "

@@ -128,29 +128,16 @@ def train_rows(run_dir) -> list[dict]:
 
 def ensemble_test_dice(run_dir) -> float:
     """Mean foreground Dice, on a two-network run's test split (last checkpoint), of the average of both networks'
-    softmax (C3S3's published inference, MEDL's paper), with the run's own inference (patch, window)."""
+    softmax (C3S3's published inference, MEDL's paper; `ssmis eval --ensemble`), with the run's own inference."""
     import numpy as np
-    from torch import nn
 
     from ssmis.data.adapter import make_adapter
     from ssmis.eval.inference import dice_per_class
-    from ssmis.eval.run_eval import restore_run
-    from ssmis.methods.pair import ensemble_probs
-    from ssmis.models.output import SegOutput
+    from ssmis.eval.run_eval import load_run
     from ssmis.predict import load_trained_model
 
-    class Ensemble(nn.Module):
-        def __init__(self, *nets):
-            super().__init__()
-            self.nets = nn.ModuleList(nets)
-            self.init_args = nets[0].init_args  # channels and classes, as the predictor reads them
-
-        def forward(self, x):               # log-probabilities: the engine's argmax and softmax see the average
-            return SegOutput(ensemble_probs(list(self.nets), x).clamp_min(1e-12).log())
-
-    cfg, splits, trainer, _ = restore_run(run_dir, "last")
-    model = load_trained_model(run_dir, "last", device="cpu")
-    model.net = Ensemble(trainer.ctx.modules["net1"], trainer.ctx.modules["net2"]).eval()
+    cfg, splits = load_run(run_dir)
+    model = load_trained_model(run_dir, "last", device="cpu", ensemble=True)
     adapter = make_adapter(cfg.data.layout, cfg.data.root, cfg.data)
     by_id = {it.id: it for it in adapter.items("train") + adapter.items("eval")}
     scores = []

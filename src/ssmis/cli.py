@@ -24,10 +24,11 @@ def _eval(a) -> int:
         from ssmis.eval.run_eval import evaluate_run
 
         evaluate_run(a.run, split=a.split, checkpoint=a.checkpoint, largest_component=a.largest_component,
-                     cases=a.cases, max_cases=a.max_cases)
+                     cases=a.cases, max_cases=a.max_cases, ensemble=a.ensemble)
         return 0
-    if a.cases or a.max_cases:
-        raise UserError("ssmis eval", "--cases and --max-cases choose cases of a run's split", "Use them with --run.")
+    if a.cases or a.max_cases or a.ensemble:
+        raise UserError("ssmis eval", "--cases, --max-cases and --ensemble apply to a run's checkpoint",
+                        "Use them with --run.")
     if not (a.pred and a.ref):
         raise UserError("ssmis eval", "give --run RUN_DIR, or both --pred DIR and --ref DIR", "See `ssmis eval --help`.")
     from ssmis.eval.score_folders import score_folders
@@ -69,7 +70,7 @@ def _predict(a) -> int:
     from ssmis.predict import predict
 
     return predict(a.run, a.inputs, a.out, checkpoint=a.checkpoint, pixel_size=a.pixel_size, pixel_csv=a.pixel_csv,
-                   overlay=a.overlay, measure=a.measure, device=a.device)
+                   overlay=a.overlay, measure=a.measure, device=a.device, ensemble=a.ensemble)
 
 
 def _methods(a) -> int:
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="--run: score only the first N cases of the split (report in <split>-<ckpt>-firstN)")
     sub_cases.add_argument("--cases", nargs="+", metavar="ID",
                            help="--run: score only these cases of the split (report in <split>-<ckpt>-casesN)")
+    e.add_argument("--ensemble", action="store_true",
+                   help="--run of a two-network method (c3s3, medl): score the average of both networks' softmax "
+                        "(the papers' inference) instead of network 1; report in <split>-<ckpt>-ensemble")
     e.add_argument("--pred", help="folder of predicted masks (NIfTI, PNG or HDF5)")
     e.add_argument("--ref", help="folder of reference masks, matched to --pred by case name")
     e.add_argument("--classes", type=int, nargs="+", help="foreground classes to score (default: all found)")
@@ -259,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "hc: always add the HC; volumes: volumes only")
     pr.add_argument("--overlay", action="store_true", help="also write overlay PNGs under OUT/overlays/")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default auto)")
+    pr.add_argument("--ensemble", action="store_true", help="two-network runs (c3s3, medl): predict with the average "
+                    "of both networks' softmax instead of network 1")
     pr.set_defaults(func=_predict)
 
     ms = sub.add_parser("methods", help="list the registered methods (same as `ssmis list methods`)")

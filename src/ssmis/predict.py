@@ -48,6 +48,8 @@ class Model:
     device: object
     precision: object
     class_names: list[str] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)    # two-network runs: the modules an ensemble would average
+    averaged: bool = False                              # net is their softmax average, not network 1
 
     @property
     def channels(self) -> int:
@@ -71,11 +73,14 @@ class Model:
         return labels
 
 
-def load_trained_model(source: str | Path, checkpoint: str = "best", device: str = "auto") -> Model:
-    """The evaluated model of a run directory (its `checkpoints/<checkpoint>.pt`) or of a checkpoint file."""
+def load_trained_model(source: str | Path, checkpoint: str = "best", device: str = "auto",
+                       ensemble: bool = False) -> Model:
+    """The evaluated model of a run directory (its `checkpoints/<checkpoint>.pt`) or of a checkpoint file; with
+    `ensemble`, the softmax average of a two-network run's networks (C3S3, MEDL) instead of network 1."""
     import torch
 
     from ssmis.config import load_config
+    from ssmis.engine import allocator
     from ssmis.engine.amp import resolve_precision
     from ssmis.engine.checkpoint import load_checkpoint
     from ssmis.models import model_from_args
@@ -97,15 +102,40 @@ def load_trained_model(source: str | Path, checkpoint: str = "best", device: str
         raise UserError("--device", "cuda requested but no CUDA device is available", "Use --device cpu.")
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, dev, len(cfg.data.patch_size))
-    net = model_from_args(state["model_name"], state["model_args"])
-    net.load_state_dict(state["eval_weights"])
+    if dev.type == "cpu":
+        allocator.apply(cfg.train.cpu_allocator)    # sliding windows over volumes allocate large tensors too
+    if ensemble:
+        net = _ensemble(state, path, model_from_args)
+    else:
+        net = model_from_args(state["model_name"], state["model_args"])
+        net.load_state_dict(state["eval_weights"])
     net = net.to(dev)
     if precision.channels_last:
         net = net.to(memory_format=torch.channels_last if len(cfg.data.patch_size) == 2 else torch.channels_last_3d)
     net.eval()
     model = Model(net, cfg, state["config"], int(state.get("step", -1)), dev, precision)
     model.class_names = _class_names(cfg, model.num_classes)
+    model.members = [m["module"] for m in state.get("ensemble") or []]
+    model.averaged = ensemble
     return model
+
+
+def _ensemble(state: dict, path: Path, model_from_args):
+    """The SoftmaxAverage of the networks a checkpoint lists under `ensemble`, with their weights."""
+    from ssmis.models.ensemble import SoftmaxAverage
+
+    members = state.get("ensemble")
+    if not members:
+        method = state["config"].get("method", {}).get("name", "?")
+        raise UserError(str(path), f"no ensemble in this checkpoint: {method} trains one evaluated network (or the "
+                        "run predates ensemble support)", "Drop --ensemble; it applies to two-network methods "
+                        "(c3s3, medl) trained with ssmis 0.1.0 from this version on.")
+    nets = []
+    for m in members:
+        net = model_from_args(m["model_name"], m["model_args"])
+        net.load_state_dict(state["modules"][m["module"]])
+        nets.append(net)
+    return SoftmaxAverage(nets)
 
 
 def _class_names(cfg, k: int) -> list[str]:
@@ -401,8 +431,9 @@ def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, slice_axis: i
 # ---- the command -----------------------------------------------------------------------------------------------
 def predict(run: str | Path, inputs: list[str | Path], out: str | Path, checkpoint: str = "best",
             pixel_size: float | None = None, pixel_csv: str | Path | None = None, overlay: bool = False,
-            measure: str = "auto", device: str = "auto", progress: bool = True) -> int:
-    """Predict every input case; returns 0, or 1 when some case failed (each failure is reported and skipped)."""
+            measure: str = "auto", device: str = "auto", progress: bool = True, ensemble: bool = False) -> int:
+    """Predict every input case; returns 0, or 1 when some case failed (each failure is reported and skipped).
+    `ensemble`: a two-network run's softmax average instead of network 1."""
     from tqdm import tqdm
 
     if pixel_size is not None and pixel_size <= 0:
@@ -410,7 +441,7 @@ def predict(run: str | Path, inputs: list[str | Path], out: str | Path, checkpoi
     if measure not in ("auto", "hc", "volumes"):
         raise UserError("--measure", f"unknown value {measure!r}", "Use auto, hc or volumes.")
     out = Path(out)
-    model = load_trained_model(run, checkpoint, device)
+    model = load_trained_model(run, checkpoint, device, ensemble=ensemble)
     cases = collect_cases(inputs, out, model.channels)
     hc = measure == "hc" or (measure == "auto" and is_ellipse_target(model.raw))
     table = _pixel_table(pixel_csv, model)

@@ -115,6 +115,10 @@ class TrainConfig(Section):
                                                    "thread (same batches, exact resume); auto = on when training on "
                                                    "a GPU, where the CPU work (3D crops) then overlaps the step.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: the cores divided among the processes on this machine (torchrun, bench --jobs), at most 4 on CUDA.")
+    cpu_allocator: Literal["heap", "system"] = Field(
+        "heap", description="Where large CPU tensors come from (glibc): heap = reused from step to step (a 3D C3S3 "
+                            "step 2.2x faster than with a fresh memory mapping per tensor; the process keeps its peak "
+                            "memory); system = glibc's defaults. Changes no computed value (ssmis.engine.allocator).")
     deterministic: bool = Field(False, description="Deterministic algorithms (needed for bitwise-exact resume).")
     eval_every: int = Field(200, ge=0, description="Validate every N steps (0 = only at the end).")
     ckpt_every: int = Field(200, ge=1, description="Write last.pt every N steps.")

@@ -16,7 +16,7 @@ from ssmis.config import RunConfig, dump_config, load_config
 from ssmis.data.adapter import make_adapter
 from ssmis.data.dataset import build_slice_set, build_volume_set
 from ssmis.data.splits import Splits, make_splits
-from ssmis.engine import dist, threads
+from ssmis.engine import allocator, dist, threads
 from ssmis.engine.amp import resolve_precision
 from ssmis.atomic import atomic_write_json, atomic_write_text
 from ssmis.engine.checkpoint import load_checkpoint
@@ -93,11 +93,17 @@ def _counts_line(splits: Splits, labeled, unlabeled, val_cases, dims: int, metho
     return ", ".join(parts)
 
 
+def _registry_name(net, default: str) -> str:
+    """The model registry's name of a network's class (what eval and predict rebuild it from)."""
+    return next((n for n in MODELS.list() if MODELS.get(n) is type(net)), default)
+
+
 def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=print,
           dinfo: dist.DistInfo = dist.DistInfo()) -> Trainer:
     t = cfg.train
     device = pick_device(t.device)
     _, threads_why = threads.apply(device.type, t.threads)
+    memory_why = allocator.apply(t.cpu_allocator) if device.type == "cpu" else None
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
@@ -196,15 +202,18 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
                                       example, log, resuming)
     torch.manual_seed(cfg.seed + 1000003 * dinfo.rank)   # per-rank dropout and noise draws
     net = method.eval_model()
-    net_name = next((n for n in MODELS.list() if MODELS.get(n) is type(net)), cfg.model.name)   # what eval rebuilds
-    model_info = {"model_name": net_name, "model_args": dict(net.init_args),
+    model_info = {"model_name": _registry_name(net, cfg.model.name), "model_args": dict(net.init_args),
                   "precision": precision.label, "config": cfg.model_dump(mode="json")}
+    if method.ensemble_modules():        # what `ssmis eval/predict --ensemble` rebuild
+        model_info["ensemble"] = [{"module": m, "model_name": _registry_name(ctx.modules[m], cfg.model.name),
+                                   "model_args": dict(ctx.modules[m].init_args)} for m in method.ensemble_modules()]
     if init_info is not None:
         model_info["init_encoder"] = init_info    # in every checkpoint and in train_summary.json
     log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: "
         f"{_counts_line(splits, labeled, unlabeled, val_cases, dims, method_cls, cfg)}; {t.iterations} steps; augmentation "
         f"{t.augment if t.augment != 'auto' else method_cls.default_augment}; precision {precision.label} ({precision.reason}); "
         f"device {device}, {torch.get_num_threads()} threads ({threads_why})"
+        + (f"; {memory_why}" if memory_why else "")
         + (f", {dinfo.world} processes" if dinfo.active else ""))
     return Trainer(cfg, method, ctx, labeled, unlabeled, val_cases, precision, run_dir, device, model_info, log, dinfo)
 

@@ -24,7 +24,8 @@ def _flatten(d, prefix=""):
 
 
 # keys that may differ on resume: they do not change what is computed
-RESUME_FREE = {"train.threads", "train.tensorboard", "train.log_every", "train.device", "train.ckpt_every"}
+RESUME_FREE = {"train.threads", "train.tensorboard", "train.log_every", "train.device", "train.ckpt_every",
+               "train.cpu_allocator"}
 
 
 _MISSING = object()

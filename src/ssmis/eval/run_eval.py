@@ -46,12 +46,14 @@ def restore_run(run_dir: Path, checkpoint: str = "last"):
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", quiet: bool = False,
                  largest_component: bool | None = None, cases: list[str] | None = None,
-                 max_cases: int | None = None) -> dict:
+                 max_cases: int | None = None, ensemble: bool = False) -> dict:
     """Score one checkpoint of a run on its `split`; writes eval/<split>-<checkpoint>/ and returns the summary.
     `largest_component` overrides the run's eval.largest_component; the report then goes to a folder
     ending in -lcc (on) or -raw (off), so the run's own report is never replaced. `cases` (ids of the split) or
-    `max_cases` (its first N) score a subset, reported in a folder ending in -cases<N> or -first<N>."""
-    return evaluate_checkpoints(run_dir, split, (checkpoint,), quiet, largest_component, cases, max_cases)[checkpoint]
+    `max_cases` (its first N) score a subset, reported in a folder ending in -cases<N> or -first<N>. `ensemble`
+    scores a two-network run's softmax average instead of network 1, reported in a folder ending in -ensemble."""
+    return evaluate_checkpoints(run_dir, split, (checkpoint,), quiet, largest_component, cases, max_cases,
+                                ensemble)[checkpoint]
 
 
 def _subset(ids: list[str], split: str, cases: list[str] | None, max_cases: int | None) -> tuple[list[str], str, str]:
@@ -95,7 +97,7 @@ def _same_weights(a, b) -> bool:
 
 def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=("best", "last"),
                          quiet: bool = False, largest_component: bool | None = None, cases: list[str] | None = None,
-                         max_cases: int | None = None) -> dict[str, dict]:
+                         max_cases: int | None = None, ensemble: bool = False) -> dict[str, dict]:
     """Score several checkpoints of a run; a checkpoint holding the same weights as one already scored (best
     validation at the last step) reuses its predictions instead of predicting every case again. Each case's
     time and Dice go to the run's log.txt (and to stderr unless `quiet`)."""
@@ -112,12 +114,13 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=(
     suffix = ""
     if largest_component is not None and largest_component != cfg.eval.largest_component:
         suffix = "-lcc" if largest_component else "-raw"
-    suffix += subset_suffix
+    suffix += subset_suffix + ("-ensemble" if ensemble else "")
     lcc = cfg.eval.largest_component if largest_component is None else largest_component
     scored: list[tuple[object, list[dict]]] = []        # (model, rows) of the checkpoints predicted so far
     out = {}
     for checkpoint in checkpoints:
-        model = load_trained_model(run_dir, checkpoint, device="cpu" if cfg.train.device == "cpu" else "auto")
+        model = load_trained_model(run_dir, checkpoint, device="cpu" if cfg.train.device == "cpu" else "auto",
+                                   ensemble=ensemble)
         model.cfg.eval.largest_component = lcc
         rows = next((r for m, r in scored if m.state_step == model.state_step and _same_weights(m, model)), None)
         if rows is None:
@@ -152,11 +155,14 @@ def evaluate_checkpoints(run_dir: str | Path, split: str = "test", checkpoints=(
                        "units": "vox and mm" if info.spacing_known else "vox (dataset has no spacing)"}
         if subset_suffix:
             conventions["case_ids"] = list(ids)
+        if model.members:                       # a two-network run: say which prediction was scored
+            conventions["network"] = (f"softmax average of {' + '.join(model.members)}" if model.averaged else
+                                      f"{model.members[0]} (network 1; --ensemble scores the softmax average)")
         summary = write_report(rows, run_dir / "eval" / f"{split}-{checkpoint}{suffix}", conventions)
         if not quiet:
             names = dict(enumerate(info.class_names)) if info.class_names else None
             print(f"{run_dir} ({checkpoint} checkpoint = {conventions['selection']}, step {model.state_step}, "
-                  f"{split}: {scored_cases})")
+                  f"{split}: {scored_cases}" + (f"; {conventions['network']})" if model.averaged else ")"))
             print(format_table(summary, names))
             if summary.get("hc"):
                 print(format_hc(summary["hc"]))

@@ -160,6 +160,11 @@ class Method:
         """The network that is validated, tested and exported."""
         raise NotImplementedError
 
+    def ensemble_modules(self) -> list[str] | None:
+        """Names of the modules (ctx.modules) whose softmax average `ssmis eval/predict --ensemble` use; None = the
+        method has no ensemble (one network)."""
+        return None
+
     def extra_state(self) -> dict[str, Any]:
         return {}
 

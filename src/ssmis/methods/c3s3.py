@@ -44,7 +44,8 @@ Decisions (all [ours] unless the spec says otherwise):
   reference's init loop (resnet.init_weights, which the ResNet34 networks also apply to themselves; `init: default`
   keeps the models' own init).
 * Reported: network 1 (implementation decision 7; the validation, test and export use it). The protocol's
-  ensemble, argmax of the mean of both softmaxes, is `C3S3.ensemble_predict`; runs in ACDC-lite are "C3S3-2D"
+  ensemble, argmax of the mean of both softmaxes, is `C3S3.ensemble_predict` (`ssmis eval --ensemble` and `ssmis
+  predict --ensemble` on a run); runs in ACDC-lite are "C3S3-2D"
   (decision 10), as is any run with a compat switch on.
 * No plug-in slots; no EMA (the reference defines `ema_decay` but has no EMA model); the Gumbel-top-k sampler the
   reference builds is unused there and is not built here.
@@ -63,7 +64,8 @@ from torch import Tensor, nn
 from ssmis.errors import UserError
 from ssmis.losses.contrastive import cosine, foreground, odcl_sum
 from ssmis.methods.base import Batch, StepOutput, teacher_noise
-from ssmis.methods.pair import PairConfig, TwoNetworks, ensemble_probs
+from ssmis.methods.pair import PairConfig, TwoNetworks
+from ssmis.models.ensemble import mean_softmax
 from ssmis.models.projector import Projector
 from ssmis.models.resnet import init_weights
 from ssmis.plugins.base import sum_over_processes
@@ -284,4 +286,4 @@ class C3S3(TwoNetworks):
     def ensemble_predict(self, x: Tensor) -> Tensor:
         """The protocol's prediction: argmax of the mean of both networks' softmax (networks in their current mode;
         put them in eval mode for testing)."""
-        return ensemble_probs(self.nets(), x).argmax(1)
+        return mean_softmax(self.nets(), x).argmax(1)

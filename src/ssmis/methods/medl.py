@@ -13,7 +13,8 @@ network ε, every step, on the same labelled + unlabelled batch (Eq. 8-9):
     λ_GWU(t) = w_max·exp(−5(1 − t/t_r)²) up to t_r, then w_max
 
 and the step minimises L^{N1} + L^{N2}. The paper's inference averages both networks; in ssmis two-network methods
-report network 1 (Implementation decisions 7), and `ensemble_probs` gives the average.
+report network 1 (Implementation decisions 7), and `ssmis eval --ensemble` /
+`ssmis predict --ensemble` use the average (ssmis.models.ensemble).
 
 Decisions where the paper is silent ([ours], methods.md MEDL and Implementation decisions 7):
 * evidence = softplus(logits); Dice and CE act on the softmax of the same logits (the shared SSL4MIS losses; the

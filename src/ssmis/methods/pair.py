@@ -2,16 +2,14 @@
 (`model.name`), network 2 a second architecture named by `method.net2` (default: the ResNet34-encoder network of
 the run's dimension). Both are optimised by the engine's one optimiser (per-parameter state, so exactly two
 optimisers with the same settings stepped together). Network 1 is what validation, test and `ssmis predict`
-use and what every table reports; `ensemble_probs` gives the two-network average where a method's protocol
-asks for it."""
+use and what every table reports; `ssmis eval --ensemble` / `ssmis predict --ensemble` use the two-network
+average (ssmis.models.ensemble) where a method's protocol asks for it."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from pydantic import Field
-from torch import Tensor, nn
 
 from ssmis.errors import UserError
 from ssmis.methods.base import Method, MethodConfig
@@ -53,8 +51,7 @@ class TwoNetworks(Method):
     def eval_model(self):
         return self.ctx.modules["net1"]
 
+    def ensemble_modules(self) -> list[str]:
+        return ["net1", "net2"]
 
-@torch.no_grad()
-def ensemble_probs(nets: list[nn.Module], x: Tensor) -> Tensor:
-    """The average of the networks' softmax (C3S3's and MEDL's test-time prediction), float32."""
-    return torch.stack([net(x).logits.float().softmax(1) for net in nets]).mean(0)
+
