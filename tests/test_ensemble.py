@@ -120,3 +120,19 @@ def test_ensemble_of_a_one_network_run_is_a_clear_error(cli_run, capsys):
     err = capsys.readouterr().err
     assert "no ensemble in this checkpoint: mean_teacher" in err and "Drop --ensemble" in err
     assert not (out / "eval" / "test-last-ensemble").exists()
+
+
+def test_a_checkpoint_without_the_ensemble_entry_rebuilds_network_2_from_the_config(pair_run, tmp_path):
+    """Runs trained before checkpoints listed their ensemble: network 2 comes from method.net2 / net2_args."""
+    from ssmis.engine.checkpoint import load_checkpoint
+    from ssmis.predict import load_trained_model
+
+    state = load_checkpoint(pair_run / "checkpoints" / "last.pt")
+    state.pop("ensemble")
+    torch.save(state, tmp_path / "old.pt")
+    old = load_trained_model(tmp_path / "old.pt", device="cpu", ensemble=True)
+    new = load_trained_model(pair_run, "last", device="cpu", ensemble=True)
+    assert old.members == ["net1", "net2"]
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(old.net(x).logits, new.net(x).logits, rtol=0, atol=0)

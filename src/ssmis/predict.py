@@ -115,7 +115,7 @@ def load_trained_model(source: str | Path, checkpoint: str = "best", device: str
     net.eval()
     model = Model(net, cfg, state["config"], int(state.get("step", -1)), dev, precision)
     model.class_names = _class_names(cfg, model.num_classes)
-    model.members = [m["module"] for m in state.get("ensemble") or []]
+    model.members = [m["module"] for m in state.get("ensemble") or _pair_members(state) or []]
     model.averaged = ensemble
     return model
 
@@ -124,18 +124,35 @@ def _ensemble(state: dict, path: Path, model_from_args):
     """The SoftmaxAverage of the networks a checkpoint lists under `ensemble`, with their weights."""
     from ssmis.models.ensemble import SoftmaxAverage
 
-    members = state.get("ensemble")
+    members = state.get("ensemble") or _pair_members(state)
     if not members:
         method = state["config"].get("method", {}).get("name", "?")
-        raise UserError(str(path), f"no ensemble in this checkpoint: {method} trains one evaluated network (or the "
-                        "run predates ensemble support)", "Drop --ensemble; it applies to two-network methods "
-                        "(c3s3, medl) trained with ssmis 0.1.0 from this version on.")
+        raise UserError(str(path), f"no ensemble in this checkpoint: {method} trains one evaluated network",
+                        "Drop --ensemble; it applies to two-network methods (c3s3, medl).")
     nets = []
     for m in members:
         net = model_from_args(m["model_name"], m["model_args"])
         net.load_state_dict(state["modules"][m["module"]])
         nets.append(net)
     return SoftmaxAverage(nets)
+
+
+def _pair_members(state: dict) -> list[dict] | None:
+    """For a two-network run whose checkpoint predates the `ensemble` entry: network 1 as stored, network 2 rebuilt
+    from the run's method.net2 / net2_args with network 1's channels and classes (as the run built it); its weights
+    then load strictly, so a mismatch fails loudly."""
+    from ssmis.methods.pair import DEFAULT_NET2, TwoNetworks
+    from ssmis.registry import METHODS
+
+    method = state["config"].get("method", {})
+    if method.get("name") not in METHODS.list() or not issubclass(METHODS.get(method["name"]), TwoNetworks):
+        return None
+    dims = len(state["config"]["data"]["patch_size"])
+    net2 = method.get("net2", "auto")
+    args = {k: state["model_args"][k] for k in ("in_channels", "num_classes")}
+    return [{"module": "net1", "model_name": state["model_name"], "model_args": state["model_args"]},
+            {"module": "net2", "model_name": DEFAULT_NET2[dims] if net2 == "auto" else net2,
+             "model_args": {**args, **method.get("net2_args", {})}}]
 
 
 def _class_names(cfg, k: int) -> list[str]:
