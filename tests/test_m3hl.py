@@ -293,17 +293,22 @@ def test_3d_learns_on_the_sphere_phantom(tmp_path):
 # The 3-seed mean of m3hl misses D_sup + 0.02 by 0.003: with no pre-training, the teacher starts from its own random
 # initialisation (as the ACDC code), and at 300 steps with EMA 0.99 its pseudo-labels are poor for the first ~150 steps
 # (0.99^150 ≈ 0.22 of the random weights left); the last probe shows this is the main cost here. The test runs seed 0
-# and asserts the floor of methods.md (0.5) and D_sup + 0.02 against the recorded seed-0 supervised value.
-D_SUP_SEED0 = 0.711
+# and asserts the floor of methods.md (0.5) and D_sup + 0.02 against labels-only trained in the test with the same
+# settings on the same machine: fp32 kernels differ between CPUs, and on an Intel Xeon with AMX (2026-12-05) seed 0
+# gave supervised 0.667 / m3hl 0.720 (seeds 1, 2: 0.728 / 0.817, 0.654 / 0.564) where the AMD EPYC above gave
+# 0.711 / 0.788, so a recorded supervised value from one CPU is no bound on another.
 MEASURED_SEED0 = 0.788
 MIN_DICE = 0.5
 
 
 def test_learns_on_the_phantom(tmp_path):
-    cfg = load_config("phantom", ["data.phantom.size=32", "data.patch_size=[32,32]", "data.phantom.patients=8",
-                                  "split.labeled=2", "split.val=1", "split.test=2", "model.widths=[8,16,32,64,128]",
-                                  "train.iterations=300", "train.amp='off'", "train.eval_every=0", "train.threads=1",
-                                  "train.device=cpu", "method.name=m3hl", "seed=0"])
-    dice = train(cfg, out=tmp_path / "m3hl", progress=False)["test_last"]["mean"]["dice"]
+    def test_dice(method: str) -> float:
+        cfg = load_config("phantom", ["data.phantom.size=32", "data.patch_size=[32,32]", "data.phantom.patients=8",
+                                      "split.labeled=2", "split.val=1", "split.test=2", "model.widths=[8,16,32,64,128]",
+                                      "train.iterations=300", "train.amp='off'", "train.eval_every=0",
+                                      "train.threads=1", "train.device=cpu", f"method.name={method}", "seed=0"])
+        return train(cfg, out=tmp_path / method, progress=False)["test_last"]["mean"]["dice"]
+
+    dice, sup = test_dice("m3hl"), test_dice("supervised")
     assert dice >= MIN_DICE, f"m3hl: test Dice {dice:.3f} (measured {MEASURED_SEED0})"
-    assert dice >= D_SUP_SEED0 + 0.02, f"m3hl: test Dice {dice:.3f} not above supervised {D_SUP_SEED0} + 0.02"
+    assert dice >= sup + 0.02, f"m3hl: test Dice {dice:.3f} not above supervised {sup:.3f} + 0.02 (this machine)"
