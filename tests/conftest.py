@@ -32,6 +32,21 @@ def small_config(method: str = "supervised", iterations: int = 10, *extra: str):
 
 
 TINY_UNET = dict(widths=(4, 8, 16, 32, 64))
+TINY_RESNET_UNET = '{widths: [4, 8, 8, 16, 16], blocks: [1, 1, 1, 1]}'    # a tiny method.net2_args (--set form)
+
+
+class FixedLogits(torch.nn.Module):
+    """A stub network returning the same logits (1×K×spatial, broadcast over the batch) for any input."""
+
+    def __init__(self, logits: torch.Tensor, channels: int = 1):
+        super().__init__()
+        self.z = torch.nn.Parameter(logits)
+        self.init_args = {"in_channels": channels, "num_classes": logits.shape[1]}
+
+    def forward(self, x, need_features=False):
+        from ssmis.models.output import SegOutput
+
+        return SegOutput(self.z.expand(x.shape[0], *self.z.shape[1:]))
 
 
 def tiny_method(cls, total=300, num_classes=4, spatial_dims=2, make_model=None, seed=0, plugins=None, **cfg):

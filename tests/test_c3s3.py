@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import (TINY_UNET, assert_same, ensemble_test_dice, random_batches, small_config, straight_and_resumed,
-                      tiny_method)
+from conftest import (TINY_RESNET_UNET, TINY_UNET, FixedLogits, assert_same, ensemble_test_dice, random_batches,
+                      small_config, straight_and_resumed, tiny_method)
 from ssmis.config import load_config
 from ssmis.engine.run import train
 from ssmis.errors import UserError
@@ -29,7 +29,6 @@ from ssmis.models.projector import Projector
 from ssmis.models.unet import UNet2D
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_RESNET_UNET = '{widths: [4, 8, 8, 16, 16], blocks: [1, 1, 1, 1]}'
 
 
 def make_c3s3(num_classes=4, seed=0, net2_widths=TINY_UNET["widths"], **cfg):
@@ -269,15 +268,6 @@ def test_train_step_contrasts_the_four_view_pairs_with_each_networks_own_predict
 
 
 # ---- 4: ensemble inference ----------------------------------------------------------------------------------
-
-class FixedLogits(nn.Module):
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.z = nn.Parameter(logits)
-
-    def forward(self, x, need_features=False):
-        return SegOutput(self.z.expand(x.shape[0], *self.z.shape[1:]))
-
 
 def test_ensemble_prediction_is_the_argmax_of_the_mean_softmax():
     """Two stub networks, 3 classes, 2 pixels. Pixel 0: net 1 says 1, net 2 says 2, the mean of the softmaxes says 1

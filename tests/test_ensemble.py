@@ -9,24 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from conftest import small_config
+from conftest import TINY_RESNET_UNET, FixedLogits, small_config
 from ssmis.cli import main
 from ssmis.models.ensemble import SoftmaxAverage
-from ssmis.models.output import SegOutput
-
-TINY_RESNET_UNET = '{widths: [4, 8, 8, 16, 16], blocks: [1, 1, 1, 1]}'
-
-
-class FixedLogits(nn.Module):
-    def __init__(self, logits, channels=1):
-        super().__init__()
-        self.z = nn.Parameter(logits)
-        self.init_args = {"in_channels": channels, "num_classes": logits.shape[1]}
-
-    def forward(self, x, need_features=False):
-        return SegOutput(self.z.expand(x.shape[0], *self.z.shape[1:]))
 
 
 def test_softmax_average_predicts_the_argmax_of_the_mean_softmax():

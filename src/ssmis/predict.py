@@ -104,8 +104,9 @@ def load_trained_model(source: str | Path, checkpoint: str = "best", device: str
     precision = resolve_precision(cfg.train.amp, cfg.train.channels_last, dev, len(cfg.data.patch_size))
     if dev.type == "cpu":
         allocator.apply(cfg.train.cpu_allocator)    # sliding windows over volumes allocate large tensors too
+    members = state.get("ensemble") or _pair_members(state) or []
     if ensemble:
-        net = _ensemble(state, path, model_from_args)
+        net = _ensemble(members, state, path, model_from_args)
     else:
         net = model_from_args(state["model_name"], state["model_args"])
         net.load_state_dict(state["eval_weights"])
@@ -115,16 +116,15 @@ def load_trained_model(source: str | Path, checkpoint: str = "best", device: str
     net.eval()
     model = Model(net, cfg, state["config"], int(state.get("step", -1)), dev, precision)
     model.class_names = _class_names(cfg, model.num_classes)
-    model.members = [m["module"] for m in state.get("ensemble") or _pair_members(state) or []]
+    model.members = [m["module"] for m in members]
     model.averaged = ensemble
     return model
 
 
-def _ensemble(state: dict, path: Path, model_from_args):
-    """The SoftmaxAverage of the networks a checkpoint lists under `ensemble`, with their weights."""
+def _ensemble(members: list[dict], state: dict, path: Path, model_from_args):
+    """The SoftmaxAverage of a checkpoint's ensemble `members` (module, model name, args), with their weights."""
     from ssmis.models.ensemble import SoftmaxAverage
 
-    members = state.get("ensemble") or _pair_members(state)
     if not members:
         method = state["config"].get("method", {}).get("name", "?")
         raise UserError(str(path), f"no ensemble in this checkpoint: {method} trains one evaluated network",

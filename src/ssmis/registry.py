@@ -60,6 +60,10 @@ class Registry(Generic[T]):
         load_extensions()
         return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
 
+    def name_of(self, obj) -> str | None:
+        """The name `obj`'s class is registered under (the first in name order), or None."""
+        return next((n for n in self.list() if self._items[n] is type(obj)), None)
+
     def __contains__(self, name: str) -> bool:
         load_extensions()
         return name in self._items

@@ -93,11 +93,6 @@ def _counts_line(splits: Splits, labeled, unlabeled, val_cases, dims: int, metho
     return ", ".join(parts)
 
 
-def _registry_name(net, default: str) -> str:
-    """The model registry's name of a network's class (what eval and predict rebuild it from)."""
-    return next((n for n in MODELS.list() if MODELS.get(n) is type(net)), default)
-
-
 def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=print,
           dinfo: dist.DistInfo = dist.DistInfo()) -> Trainer:
     t = cfg.train
@@ -202,11 +197,12 @@ def setup(cfg: RunConfig, run_dir: Path | None, resuming: bool = False, log=prin
                                       example, log, resuming)
     torch.manual_seed(cfg.seed + 1000003 * dinfo.rank)   # per-rank dropout and noise draws
     net = method.eval_model()
-    model_info = {"model_name": _registry_name(net, cfg.model.name), "model_args": dict(net.init_args),
+    model_info = {"model_name": MODELS.name_of(net) or cfg.model.name, "model_args": dict(net.init_args),
                   "precision": precision.label, "config": cfg.model_dump(mode="json")}
-    if method.ensemble_modules():        # what `ssmis eval/predict --ensemble` rebuild
-        model_info["ensemble"] = [{"module": m, "model_name": _registry_name(ctx.modules[m], cfg.model.name),
-                                   "model_args": dict(ctx.modules[m].init_args)} for m in method.ensemble_modules()]
+    members = method.ensemble_modules()
+    if members:                          # what `ssmis eval/predict --ensemble` rebuild
+        model_info["ensemble"] = [{"module": m, "model_name": MODELS.name_of(ctx.modules[m]) or cfg.model.name,
+                                   "model_args": dict(ctx.modules[m].init_args)} for m in members]
     if init_info is not None:
         model_info["init_encoder"] = init_info    # in every checkpoint and in train_summary.json
     log(f"ssmis {__version__}: {cfg.method['name']} on {info.layout}: "

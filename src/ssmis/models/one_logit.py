@@ -29,7 +29,7 @@ class OneLogitAsTwoClasses(nn.Module):
             net = MODELS.get(net)(**{**net_args, "num_classes": 1})
         elif net_args:
             raise ValueError("constructor arguments go with a network name, not with a built network")
-        name = next((n for n in MODELS.list() if MODELS.get(n) is type(net)), None)
+        name = MODELS.name_of(net)
         if name is None or net.init_args.get("num_classes") != 1:
             raise ValueError(f"{type(net).__name__} is not a registered network with one output channel")
         self.net = net
